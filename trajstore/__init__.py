@@ -1,0 +1,16 @@
+"""trajstore: train deep networks in tiny subspaces found from their own training trajectories.
+
+Implements DLDR and P-BFGS / P+-BFGS of Li et al., "Low Dimensional Trajectory Hypothesis is
+True: DNNs can be Trained in Tiny Subspaces" / "Train Deep Neural Networks in 40-D Subspaces",
+out of core: snapshots live in a Zarr v3 store and never have to fit in memory together.
+"""
+
+from __future__ import annotations
+
+from .errors import *  # noqa: F403
+from .errors import __all__ as _errors_all
+from .layout import Layout
+from .store import TrajectoryStore
+
+__version__ = "0.1.0"
+__all__ = ["Layout", "TrajectoryStore", "__version__", *_errors_all]

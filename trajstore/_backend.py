@@ -1,0 +1,76 @@
+"""Where a store lives: one Zarr store object for a local folder, an fsspec URL or a given Store.
+
+Everything trajstore writes goes through a :class:`zarr.abc.store.Store`, so the same code runs on
+a local folder, ``memory://`` in tests, an object store, or a test wrapper that injects faults.
+Single-key writes are atomic on every backend we use: Zarr's LocalStore writes a temporary file
+and renames it, object stores replace whole objects, and the in-memory store swaps references.
+That atomicity is what a commit relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+__all__ = ["StoreLike", "sync", "local_root", "open_zarr_store", "read_json", "write_json", "delete_key", "size_of"]
+
+StoreLike = str | os.PathLike[str] | Store
+
+
+def open_zarr_store(url: StoreLike, *, read_only: bool, storage_options: dict[str, Any] | None = None) -> Store:
+    """A Zarr store for a path, a URL, or an existing Store (re-opened with the requested mode)."""
+    if isinstance(url, Store):
+        return url if url.read_only == read_only else url.with_read_only(read_only)
+    text = os.fspath(url)
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+    if "://" not in text:
+        return LocalStore(Path(text).expanduser(), read_only=read_only)
+    return FsspecStore.from_url(text, read_only=read_only, storage_options=storage_options)
+
+
+def local_root(store: Store) -> Path | None:
+    """The folder of a local store, or None for any other backend."""
+    return Path(store.root) if isinstance(store, LocalStore) else None
+
+
+def describe(url: StoreLike) -> str:
+    return repr(url) if isinstance(url, Store) else os.fspath(url)
+
+
+def read_json(store: Store, key: str) -> Any | None:
+    """The JSON document at ``key``, or None when the key does not exist."""
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    if buf is None:
+        return None
+    return json.loads(buf.to_bytes().decode("utf-8"))
+
+
+def write_json(store: Store, key: str, doc: Any) -> None:
+    """Write one JSON document in a single (atomic) key write."""
+    data = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def delete_key(store: Store, key: str) -> None:
+    sync(store.delete(key))
+
+
+def size_of(store: Store, prefix: str) -> int:
+    """Bytes stored under ``prefix`` (0 when the backend cannot list)."""
+    try:
+        return int(sync(store.getsize_prefix(prefix)))
+    except (NotImplementedError, FileNotFoundError):
+        return 0
+
+
+def open_group(store: Store, path: str, mode: str) -> zarr.Group:
+    return zarr.open_group(store=store, path=path, mode=mode, zarr_format=3)

@@ -1,0 +1,164 @@
+"""One writer per trajectory.
+
+On a local folder the lease is an exclusive ``flock`` on ``writer.lock``: the kernel drops it when
+the holding process dies, so a killed writer never leaves the trajectory stuck, and a second
+writer on the same machine is refused at once. On other backends (object stores, ``memory://``)
+the lease is a JSON document with a heartbeat: a holder refreshes it from a daemon thread every
+``ttl / 4`` seconds, and a lease whose heartbeat is older than ``ttl`` (or whose holder, on this
+machine, is no longer running) may be taken over. In both cases ``writer.json`` names the holder,
+so the refusal says who is writing, and the writer checks that it still holds the lease before
+each commit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from zarr.abc.store import Store
+
+from ._backend import delete_key, local_root, read_json, write_json
+from .errors import WriterConflictError
+
+__all__ = ["WriterLease"]
+
+DEFAULT_TTL = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder_text(doc: Any) -> str:
+    if not isinstance(doc, dict):
+        return "an unknown writer"
+    since = doc.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    return f"pid {doc.get('pid')!r} on host {doc.get('host')!r} (writing since {when})"
+
+
+class WriterLease:
+    """The write lease of one trajectory, held from :meth:`acquire` to :meth:`release`."""
+
+    def __init__(self, store: Store, prefix: str, *, ttl: float = DEFAULT_TTL) -> None:
+        self._store = store
+        self._key = f"{prefix}/writer.json"
+        self._ttl = ttl
+        self._token = uuid.uuid4().hex
+        self._root = local_root(store)
+        self._lock_path = self._root / prefix / "writer.lock" if self._root is not None else None
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _doc(self) -> dict[str, Any]:
+        now = time.time()
+        return {"token": self._token, "host": socket.gethostname(), "pid": os.getpid(),
+                "since": now, "heartbeat": now, "ttl": self._ttl}
+
+    def acquire(self, name: str) -> None:
+        if self._lock_path is not None:
+            self._acquire_flock(name)
+        else:
+            self._acquire_lease(name)
+        write_json(self._store, self._key, self._doc())
+
+    def _acquire_flock(self, name: str) -> None:
+        import fcntl
+
+        assert self._lock_path is not None
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _holder_text(self._read())
+            raise WriterConflictError(
+                f"trajectory {name!r} already has a live writer: {holder}; "
+                "open it with mode='r' to read, or wait for that writer to close"
+            ) from None
+        self._fd = fd
+
+    def _acquire_lease(self, name: str) -> None:
+        current = self._read()
+        if current is not None and self._is_live(current):
+            raise WriterConflictError(
+                f"trajectory {name!r} already has a live writer: {_holder_text(current)}; "
+                f"its lease expires {self._ttl:.0f} s after its last heartbeat"
+            )
+        write_json(self._store, self._key, self._doc())
+        # A competing taker may have written between our read and write; the last write wins
+        # and the loser finds out here (or, at the latest, in check() before its first commit).
+        time.sleep(0.05)
+        self.check(name)
+        self._thread = threading.Thread(target=self._heartbeat, name=f"trajstore-lease-{name}", daemon=True)
+        self._thread.start()
+
+    def _is_live(self, doc: Any) -> bool:
+        if not isinstance(doc, dict):
+            return False
+        if doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int):
+            if not _pid_alive(doc["pid"]):
+                return False
+        heartbeat, ttl = doc.get("heartbeat"), doc.get("ttl", self._ttl)
+        if not isinstance(heartbeat, (int, float)) or not isinstance(ttl, (int, float)):
+            return False
+        return time.time() - heartbeat < ttl
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self._ttl / 4):
+            doc = self._read()
+            if not isinstance(doc, dict) or doc.get("token") != self._token:
+                return
+            doc["heartbeat"] = time.time()
+            try:
+                write_json(self._store, self._key, doc)
+            except Exception:  # a transient backend error: the next beat retries
+                continue
+
+    def _read(self) -> Any:
+        try:
+            return read_json(self._store, self._key)
+        except ValueError:
+            return None
+
+    def check(self, name: str) -> None:
+        """Raise WriterConflictError unless this lease is still ours."""
+        if self._fd is not None:
+            return  # the kernel holds the flock for us until we close it
+        doc = self._read()
+        if not isinstance(doc, dict) or doc.get("token") != self._token:
+            raise WriterConflictError(
+                f"lost the write lease of trajectory {name!r} to {_holder_text(doc)}; nothing was committed"
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+        doc = self._read()
+        if isinstance(doc, dict) and doc.get("token") == self._token:
+            try:
+                delete_key(self._store, self._key)
+            except Exception:
+                pass
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    @property
+    def lock_path(self) -> Path | None:
+        return self._lock_path

@@ -1,0 +1,81 @@
+"""What a store holds, as a JSON-ready dict and as text (``trajstore info``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._backend import StoreLike, describe
+from .store import TrajectoryStore
+
+__all__ = ["format_info", "store_info"]
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def store_info(url: StoreLike, **open_kw: Any) -> dict[str, Any]:
+    """Every trajectory of the store: n, t, layout size, dtype, bytes stored, per-snapshot records."""
+    trajectories = []
+    for name in TrajectoryStore.list_trajectories(url, **open_kw):
+        store = TrajectoryStore.open(url, "r", trajectory=name, **open_kw)
+        layout = store.layout
+        trajectories.append({
+            "name": name,
+            "n": store.n,
+            "t": len(store),
+            "parameters": len(layout.params),
+            "buffers": len(layout.buffers),
+            "buffer_bytes": layout.buffer_nbytes,
+            "fingerprint": layout.fingerprint,
+            "storage_dtype": store.storage_dtype,
+            "chunk_elems": store.chunk_elems,
+            "bytes_stored": store.nbytes_stored(),
+            "attrs": store.attrs,
+            "snapshots": [{k: r.get(k) for k in ("step", "epoch", "lr", "metrics", "time")} for r in store.records],
+        })
+    return {"store": describe(url), "trajectories": trajectories}
+
+
+def format_info(info: dict[str, Any], *, max_rows: int = 12) -> str:
+    lines = [f"store {info['store']}"]
+    if not info["trajectories"]:
+        lines.append("  (no trajectories)")
+    for tr in info["trajectories"]:
+        lines.append(
+            f"  trajectory {tr['name']!r}: n = {tr['n']:,} parameters in {tr['parameters']} tensors "
+            f"(+{tr['buffers']} buffers, {tr['buffer_bytes']:,} B), t = {tr['t']} snapshots, "
+            f"{tr['storage_dtype']}, {_human(tr['bytes_stored'])} stored, layout {tr['fingerprint']}"
+        )
+        snaps = tr["snapshots"]
+        if not snaps:
+            continue
+        metric_names = sorted({k for s in snaps for k in s["metrics"]})
+        header = ["#", "step", "epoch", "lr", *metric_names]
+        rows = []
+        shown = list(enumerate(snaps))
+        if len(shown) > max_rows:
+            shown = shown[: max_rows // 2] + [(-1, None)] + shown[-(max_rows // 2):]
+        for i, s in shown:
+            if s is None:
+                rows.append(["..."] + [""] * (len(header) - 1))
+                continue
+            cells = [str(i), _fmt(s["step"]), _fmt(s["epoch"]), _fmt(s["lr"])]
+            cells += [_fmt(s["metrics"].get(m)) for m in metric_names]
+            rows.append(cells)
+        widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(header)]
+        lines.append("    " + "  ".join(h.rjust(w) for h, w in zip(header, widths)))
+        lines.extend("    " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
