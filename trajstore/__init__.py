@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
+from .basis import Basis, open_basis
+from .dldr import dldr, gram_matrix
 from .layout import Layout
 from .store import TrajectoryStore
 
 __version__ = "0.1.0"
-__all__ = ["Layout", "TrajectoryStore", "__version__", *_errors_all]
+__all__ = ["Basis", "Layout", "TrajectoryStore", "dldr", "gram_matrix", "open_basis", "__version__", *_errors_all]

@@ -74,3 +74,30 @@ def size_of(store: Store, prefix: str) -> int:
 
 def open_group(store: Store, path: str, mode: str) -> zarr.Group:
     return zarr.open_group(store=store, path=path, mode=mode, zarr_format=3)
+
+
+def fsync_local(store: Store, keys: list[str], *, workers: int = 4) -> None:
+    """fsync the files behind ``keys`` and their folders (local stores only; a no-op elsewhere).
+
+    Zarr's LocalStore writes each key to a temporary file and renames it, which is atomic
+    against a crashed process but not durable against a power loss until the data and the
+    rename reach the disk; this makes them reach it.
+    """
+    root = local_root(store)
+    if root is None or not keys:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [root / k for k in keys]
+    folders = sorted({p.parent for p in paths})
+
+    def _sync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_sync, paths))
+        list(pool.map(_sync, folders))

@@ -136,8 +136,10 @@ class TrajectoryStore:
     (n,)
     """
 
-    def __init__(self, zstore: zarr.abc.store.Store, where: str, trajectory: str, mode: str) -> None:
+    def __init__(self, zstore: zarr.abc.store.Store, where: str, trajectory: str, mode: str,
+                 durable: bool = True) -> None:
         self._zstore = zstore
+        self._durable = bool(durable)
         self._where = where
         self._name = trajectory
         self._mode = mode
@@ -151,7 +153,7 @@ class TrajectoryStore:
     @classmethod
     def create(cls, url: StoreLike, model: torch.nn.Module, *, trajectory: str = DEFAULT_TRAJECTORY,
                storage_dtype: str = "float32", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               attrs: Mapping[str, Any] | None = None,
+               attrs: Mapping[str, Any] | None = None, durable: bool = True,
                storage_options: dict[str, Any] | None = None) -> TrajectoryStore:
         """Create a trajectory for ``model`` (and the store, if ``url`` holds none yet).
 
@@ -170,6 +172,10 @@ class TrajectoryStore:
             reading all snapshots of a parameter range).
         attrs : mapping, optional
             JSON-serializable user metadata kept with the trajectory.
+        durable : bool
+            On a local folder, fsync every chunk of a snapshot before its commit and the commit
+            record after it, so a committed snapshot survives a power loss, not only a killed
+            process (object stores are durable when a write returns; there this is a no-op).
 
         Returns
         -------
@@ -186,13 +192,18 @@ class TrajectoryStore:
         zstore = _backend.open_zarr_store(url, read_only=False, storage_options=storage_options)
         where = _backend.describe(url)
         root = cls._root_for_create(zstore, where)
+        parent = root.require_group(_TRAJ_ROOT)
         if name in cls._names(root):
-            raise StoreExistsError(f"{where} already holds a trajectory named {name!r}")
-        group = root.require_group(_TRAJ_ROOT).create_group(name, attributes={"trajstore": static.to_json()})
+            if "trajstore_commit" in parent[name].attrs:
+                raise StoreExistsError(f"{where} already holds a trajectory named {name!r}")
+            # A creation that was killed before its first commit record: nothing was ever
+            # committed there, so it is replaced rather than left blocking the name.
+            del parent[name]
+        group = parent.create_group(name, attributes={"trajstore": static.to_json()})
         cls._create_arrays(group, static)
         # The group's commit attribute is written last: a trajectory is visible once it is complete.
         group.update_attributes({"trajstore_commit": {"count": 0, "records": []}})
-        return cls(zstore, where, name, "a")
+        return cls(zstore, where, name, "a", durable)
 
     @staticmethod
     def _root_for_create(zstore: zarr.abc.store.Store, where: str) -> zarr.Group:
@@ -221,7 +232,7 @@ class TrajectoryStore:
 
     @classmethod
     def open(cls, url: StoreLike, mode: Literal["r", "a"] = "r", *, trajectory: str | None = None,
-             storage_options: dict[str, Any] | None = None) -> TrajectoryStore:
+             durable: bool = True, storage_options: dict[str, Any] | None = None) -> TrajectoryStore:
         """Open a trajectory of an existing store.
 
         ``trajectory`` may be left out when the store holds one trajectory (or one named
@@ -242,7 +253,7 @@ class TrajectoryStore:
                 raise TrajectoryNotFoundError(f"{where} holds trajectories {names}; pass trajectory=NAME")
         if _name_ok(trajectory) not in names:
             raise TrajectoryNotFoundError(f"{where} holds no trajectory {trajectory!r} (it has {names})")
-        return cls(zstore, where, trajectory, mode)
+        return cls(zstore, where, trajectory, mode, durable)
 
     @staticmethod
     def _names(root: zarr.Group) -> list[str]:
@@ -388,6 +399,8 @@ class TrajectoryStore:
         self._write_params(index, params)
         if self._buffers is not None:
             self._buffers[index, :] = self._buffer_bytes(buffers)
+        if self._durable:
+            self._sync_row(index)
         self._lease.check(self._name)
         record["append_seconds"] = time.time() - started
         self._commit(self._records + [record])
@@ -434,9 +447,19 @@ class TrajectoryStore:
             out[spec.offset:spec.stop] = raw.numpy()
         return out
 
+    def _sync_row(self, index: int) -> None:
+        chunks = -(-self.n // self._static.chunk_elems)
+        keys = [f"{self._prefix}/params/c/{index}/{j}" for j in range(chunks)]
+        keys += [f"{self._prefix}/params/zarr.json"]
+        if self._buffers is not None:
+            keys += [f"{self._prefix}/buffers/c/{index}/0", f"{self._prefix}/buffers/zarr.json"]
+        _backend.fsync_local(self._zstore, keys)
+
     def _commit(self, records: list[SnapshotRecord]) -> None:
         group = _backend.open_group(self._zstore, self._prefix, "r+")
         group.update_attributes({"trajstore_commit": {"count": len(records), "records": records}})
+        if self._durable:
+            _backend.fsync_local(self._zstore, [f"{self._prefix}/zarr.json"])
         self._records = records
         self._count = len(records)
 

@@ -1,0 +1,119 @@
+"""The numerics of DLDR on arrays: no files, no dask, no torch.
+
+Notation (paper, Algorithm 1): W is the n x t matrix whose columns are the sampled snapshots of a
+window; here blocks arrive as (t, b) row-major slices of W^T (t snapshots of b parameters).
+Every function works on one block, so the in-memory computation is the streaming one with one
+block, and results do not depend on the block size beyond float64 summation order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["SUB_BLOCK", "basis_block", "centre_gram", "gram_block", "top_eigenpairs", "tail_residuals"]
+
+# Columns converted to float64 at a time inside a block: bounds the float64 working set to
+# t * SUB_BLOCK * 8 bytes (53 MB at t = 101) whatever the block size.
+SUB_BLOCK = 1 << 16
+
+
+def gram_block(block: np.ndarray, ref_row: int = 0, first: int = 0) -> np.ndarray:
+    """Partial Gram matrix ``(X - x_ref)(X - x_ref)[first:]^T`` of one (t, b) block, float64 (t, t - first).
+
+    ``first > 0`` computes only the columns of snapshots ``first..t-1``: what extending a cached
+    Gram matrix by newly appended snapshots needs.
+
+    The reference snapshot is subtracted in float64 before the product: the centred Gram matrix
+    is shift-invariant, and working on differences avoids the cancellation that made float32
+    products lose 2% on the small singular values (shared/MEASURED.md).
+    """
+    t, b = block.shape
+    out = np.zeros((t, t - first), dtype=np.float64)
+    for a in range(0, b, SUB_BLOCK):
+        x = block[:, a:a + SUB_BLOCK].astype(np.float64)
+        x -= x[ref_row]
+        out += x @ x[first:].T
+    return out
+
+
+def centre_gram(gram: np.ndarray) -> np.ndarray:
+    """``J G J`` with ``J = I - 11^T / t``: the Gram matrix of the mean-centred snapshots."""
+    row_mean = gram.mean(axis=0)
+    centred = gram - row_mean[None, :] - row_mean[:, None] + row_mean.mean()
+    return (centred + centred.T) / 2  # exact symmetry for eigh
+
+
+def top_eigenpairs(centred: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-d singular values and right singular vectors of the centred snapshots.
+
+    Returns ``(sigma, V, eigenvalues, eigenvectors)``: sigma (d,) descending, V (t, d), and the
+    full eigendecomposition (ascending, as numpy returns it) for residuals.
+
+    Sign convention: each column of V is flipped so that its entry of largest magnitude (the
+    snapshot that lies farthest along that direction; the first one on a tie) is positive. The
+    basis vector ``u_i = W_c v_i / sigma_i`` inherits the sign, so the same trajectory always
+    gives the same bytes.
+
+    Raises
+    ------
+    ValueError
+        When d exceeds the numerical rank of the centred snapshots (at most t - 1).
+    """
+    t = centred.shape[0]
+    evals, evecs = np.linalg.eigh(centred)
+    scale = max(float(evals[-1]), 0.0)
+    # Eigenvalues of a float64 Gram matrix are accurate to about t * eps * ||G||; below ten times
+    # that they are rounding noise, not directions.
+    tol = 10.0 * t * np.finfo(np.float64).eps * scale
+    rank = int(np.count_nonzero(evals > tol))
+    if d > rank:
+        raise ValueError(
+            f"d = {d} exceeds the rank {rank} of the centred snapshots "
+            f"({t} snapshots give at most rank {t - 1}); choose d <= {rank}"
+        )
+    order = np.argsort(evals)[::-1][:d]
+    sigma = np.sqrt(evals[order])
+    v = evecs[:, order].copy()
+    pivots = np.argmax(np.abs(v), axis=0)
+    signs = np.sign(v[pivots, np.arange(d)])
+    v *= signs
+    return sigma, v, evals, evecs
+
+
+def tail_residuals(centred: np.ndarray, d: int) -> np.ndarray:
+    """Relative projection error of each centred snapshot onto the top-d directions, shape (t,).
+
+    ``||w_j - P w_j|| / ||w_j||`` with ``w_j`` the j-th centred snapshot, computed from the
+    eigenvalues outside the top d (``sum_{i>d} lambda_i v_ji^2``), which has no cancellation.
+    A snapshot at the mean (norm 0) has residual 0.
+    """
+    evals, evecs = np.linalg.eigh(centred)
+    evals = np.clip(evals, 0.0, None)[::-1]
+    evecs = evecs[:, ::-1]
+    tail = (evecs[:, d:] ** 2) @ evals[d:]
+    norms = np.clip(np.diag(centred), 0.0, None)
+    out = np.zeros_like(norms)
+    nz = norms > 0
+    out[nz] = np.sqrt(np.clip(tail[nz], 0.0, None) / norms[nz])
+    return np.minimum(out, 1.0)
+
+
+def basis_block(block: np.ndarray, v_scaled: np.ndarray, ref_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Basis rows and mean of one (t, b) block: ``U_b = (X - mean)^T V Sigma^-1`` and ``mean_b``.
+
+    ``v_scaled`` is ``V / sigma`` (t, d). Returns ``(u, mean)`` with u (b, d) float64 and mean (b,)
+    float64. The block is centred explicitly rather than relying on ``1^T V = 0``, which holds
+    only to rounding while ``X^T 1`` may be large.
+    """
+    t, b = block.shape
+    u = np.empty((b, v_scaled.shape[1]), dtype=np.float64)
+    mean = np.empty(b, dtype=np.float64)
+    for a in range(0, b, SUB_BLOCK):
+        x = block[:, a:a + SUB_BLOCK].astype(np.float64)
+        ref = x[ref_row].copy()
+        x -= ref
+        centre = x.mean(axis=0)
+        x -= centre
+        u[a:a + SUB_BLOCK] = x.T @ v_scaled
+        mean[a:a + SUB_BLOCK] = ref + centre
+    return u, mean

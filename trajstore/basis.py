@@ -1,0 +1,169 @@
+"""A DLDR basis: the top-d directions of a window of a trajectory, with what they were made from.
+
+A basis lives either in memory (from :func:`trajstore.dldr` on an array) or in a store under
+``bases/NAME``::
+
+    bases/NAME/zarr.json   attrs {"trajstore": {"kind": "basis", "complete", d, n, window, sigma, ...}}
+    bases/NAME/U           (n, d) float32, row chunks, bytes + crc32c
+    bases/NAME/mean        (n,) float32, the same row chunks
+    bases/NAME/gram        (t, t) float64, the centred Gram matrix of the window
+
+The group is marked complete only after every row of U and the mean are written and their
+orthonormality is measured, so an interrupted computation is never mistaken for a basis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+
+from . import _backend, _linalg
+from .errors import CorruptSnapshotError, FormatVersionError, InvalidStoreError, TrajectoryNotFoundError
+
+__all__ = ["Basis", "BASES_ROOT", "list_bases", "open_basis"]
+
+BASES_ROOT = "bases"
+FORMAT_VERSION = 1
+
+
+class Basis:
+    """Top-d principal directions of the centred snapshots of a window ``[start, stop)``.
+
+    Attributes
+    ----------
+    d, n : int
+        Number of directions and of parameters.
+    singular_values : ndarray of shape (d,)
+        Descending.
+    explained_variance_ratio : ndarray of shape (d,)
+        ``sigma_i^2 / sum of all squared singular values`` of the window.
+    trajectory : str or None
+        Source trajectory (None for an in-memory array).
+    start, stop : int
+        The window of snapshots, ``stop`` exclusive.
+    orthonormality : float
+        ``max |U^T U - I|`` of the stored (float32) basis, measured when it was written.
+    name : str or None
+        Its name in the store.
+    """
+
+    def __init__(self, meta: Mapping[str, Any], centred_gram: np.ndarray, *,
+                 u: np.ndarray | zarr.Array, mean: np.ndarray | zarr.Array) -> None:
+        self._meta = dict(meta)
+        self._gram = centred_gram
+        self._u = u
+        self._mean = mean
+        self.d: int = int(meta["d"])
+        self.n: int = int(meta["n"])
+        self.singular_values = np.asarray(meta["singular_values"], dtype=np.float64)
+        self.explained_variance_ratio = np.asarray(meta["explained_variance_ratio"], dtype=np.float64)
+        self.trajectory: str | None = meta.get("trajectory")
+        self.start: int = int(meta["start"])
+        self.stop: int = int(meta["stop"])
+        self.orthonormality: float = float(meta["orthonormality"])
+        self.name: str | None = meta.get("name")
+
+    def __repr__(self) -> str:
+        where = f"trajectory={self.trajectory!r}, " if self.trajectory else ""
+        return (f"Basis(name={self.name!r}, {where}window=[{self.start}, {self.stop}), d={self.d}, n={self.n}, "
+                f"explained={self.explained_variance_ratio.sum():.4f}, max|UᵀU-I|={self.orthonormality:.1e})")
+
+    @property
+    def t(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._meta)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._u.dtype)
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` of U, shape (b - a, d); reads only the chunks that hold them."""
+        return self._read(self._u, (slice(a, b), slice(None)), "U")
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean snapshot of the window, shape (n,)."""
+        return self._read(self._mean, (slice(None),), "mean")
+
+    def to_numpy(self) -> np.ndarray:
+        """The whole basis U, shape (n, d). Holds n * d values in memory: for small n."""
+        return self.rows(0, self.n)
+
+    def coordinates(self) -> np.ndarray:
+        """Coordinates ``U^T (w_j - mean)`` of the window's snapshots, shape (t, d): ``V Sigma``."""
+        sigma, v, _, _ = _linalg.top_eigenpairs(self._gram, self.d)
+        return v * sigma
+
+    def residuals(self) -> np.ndarray:
+        """Relative projection error of each centred snapshot, shape (t,); see ``tail_residuals``."""
+        return _linalg.tail_residuals(self._gram, self.d)
+
+    @property
+    def centred_gram(self) -> np.ndarray:
+        """The centred Gram matrix ``J W^T W J`` of the window, shape (t, t), float64."""
+        return self._gram.copy()
+
+    def _read(self, array: np.ndarray | zarr.Array, key: tuple[slice, ...], what: str) -> np.ndarray:
+        if isinstance(array, np.ndarray):
+            return array[key]
+        try:
+            return np.asarray(array[key])
+        except Exception as e:
+            raise CorruptSnapshotError(f"basis {self.name!r}: {what} failed to decode ({type(e).__name__}: {e})") from e
+
+
+def basis_path(name: str) -> str:
+    return f"{BASES_ROOT}/{name}"
+
+
+def list_bases(zstore: Store) -> list[str]:
+    try:
+        group = _backend.open_group(zstore, BASES_ROOT, "r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return []
+    return sorted(name for name, _ in group.groups())
+
+
+def open_basis(url: _backend.StoreLike, name: str, *, storage_options: dict[str, Any] | None = None) -> Basis:
+    """Open a complete basis stored under ``bases/NAME``."""
+    zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
+    if name not in list_bases(zstore):
+        raise TrajectoryNotFoundError(f"{_backend.describe(url)} holds no basis {name!r} (it has {list_bases(zstore)})")
+    group = _backend.open_group(zstore, basis_path(name), "r")
+    meta = validate_meta(group.attrs.get("trajstore"), name)
+    if not meta.get("complete"):
+        raise InvalidStoreError(f"basis {name!r} is incomplete (its computation was interrupted); compute it again")
+    u, mean, gram = group["U"], group["mean"], np.asarray(group["gram"][...])
+    t = meta["stop"] - meta["start"]
+    if u.shape != (meta["n"], meta["d"]) or mean.shape != (meta["n"],) or gram.shape != (t, t):
+        raise InvalidStoreError(f"basis {name!r}: arrays {u.shape}, {mean.shape}, {gram.shape} do not match n, d, t")
+    return Basis(meta, gram, u=u, mean=mean)
+
+
+def validate_meta(doc: object, name: str) -> dict[str, Any]:
+    if not isinstance(doc, Mapping) or doc.get("kind") != "basis":
+        raise InvalidStoreError(f"basis {name!r}: missing or wrong 'trajstore' attribute")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise FormatVersionError(f"basis {name!r} has format version {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
+    meta = dict(doc)
+    for key in ("d", "n", "start", "stop"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidStoreError(f"basis {name!r}: {key} must be a non-negative integer, got {value!r:.100}")
+    if meta["stop"] <= meta["start"] or meta["d"] < 1:
+        raise InvalidStoreError(f"basis {name!r}: empty window or d < 1")
+    for key in ("singular_values", "explained_variance_ratio"):
+        value = meta.get(key)
+        if not isinstance(value, list) or len(value) != meta["d"] or not all(isinstance(v, (int, float)) for v in value):
+            raise InvalidStoreError(f"basis {name!r}: {key} must be a list of {meta['d']} numbers")
+    if not isinstance(meta.get("orthonormality"), (int, float)):
+        raise InvalidStoreError(f"basis {name!r}: orthonormality must be a number")
+    return meta

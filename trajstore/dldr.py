@@ -1,0 +1,318 @@
+"""Streaming DLDR: the exact top-d basis of a window of a stored trajectory, in bounded memory.
+
+Algorithm 1 of Li et al. done out of core, in two passes over W (the n x t matrix of snapshots):
+
+1. **Gram pass** (dask, over chunk-aligned parameter blocks): ``G = (W - w_0 1^T)^T (W - w_0 1^T)``
+   in float64, cached in the store per trajectory and extended, when snapshots are appended,
+   by computing only the new columns.
+2. Centre (``J G J``) and eigendecompose the t x t window of G; keep the top d.
+3. **Basis pass** (dask, block by block): ``U_b = (W_b - mean_b)^T V Sigma^-1`` and the mean, written
+   to the store; ``U^T U`` is accumulated from the stored float32 values.
+
+Each dask task returns a small (t x t or d x d) partial, and the driver sums the partials in block
+order, so results are bit-identical for any number of workers or scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
+
+from . import _backend, _linalg
+from .basis import BASES_ROOT, FORMAT_VERSION, Basis, basis_path, list_bases, open_basis
+from .errors import InvalidStoreError, SnapshotIndexError
+from .store import TrajectoryStore
+
+__all__ = ["DEFAULT_BLOCK_BYTES", "dldr", "gram_matrix"]
+
+# float32 bytes of one block of all t snapshots. With 4 MiB store chunks and t = 101 a block is
+# at least one chunk per snapshot (404 MiB); the float64 work inside a block is sub-blocked
+# (_linalg.SUB_BLOCK), so peak memory is about (workers + 1) blocks.
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+_CRC = {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": None,
+        "config": {"write_empty_chunks": True}}
+
+
+# ------------------------------------------------------------------ dask tasks (module level: picklable)
+
+def _gram_task(block: np.ndarray, first: int) -> np.ndarray:
+    return _linalg.gram_block(block, 0, first)
+
+
+class _BasisWriter:
+    """Writes basis rows from inside dask tasks; pickles to (store, path) and re-opens lazily."""
+
+    def __init__(self, zstore: zarr.abc.store.Store, path: str) -> None:
+        self._zstore, self._path = zstore, path
+        self._arrays: tuple[zarr.Array, zarr.Array] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
+    def write(self, a: int, u: np.ndarray, mean: np.ndarray) -> None:
+        if self._arrays is None:
+            group = _backend.open_group(self._zstore, self._path, "r+")
+            self._arrays = (group["U"], group["mean"])
+        self._arrays[0][a:a + u.shape[0]] = u
+        self._arrays[1][a:a + u.shape[0]] = mean
+
+
+def _basis_task(block: np.ndarray, v_scaled: np.ndarray, writer: _BasisWriter | None,
+                block_info: dict[Any, Any] | None = None) -> np.ndarray:
+    u, mean = _linalg.basis_block(block, v_scaled)
+    if writer is None:  # in memory: hand back U^T and the mean, stacked (d + 1, b)
+        return np.vstack([u.T, mean[None, :]])
+    assert block_info is not None
+    a = block_info[0]["array-location"][1][0]
+    u32 = u.astype(np.float32)
+    writer.write(a, u32, mean.astype(np.float32))
+    u64 = u32.astype(np.float64)
+    return u64.T @ u64  # measured on what is stored
+
+
+def _compute(obj: Any, client: Any, num_workers: int | None) -> np.ndarray:
+    if client is not None:
+        return np.asarray(client.compute(obj).result())
+    return np.asarray(obj.compute(scheduler="threads", num_workers=num_workers))
+
+
+def _sum_partials(stacked: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Sum (rows, cols) partials laid side by side, in block order (deterministic)."""
+    parts = stacked.reshape(rows, -1, cols)
+    out = np.zeros((rows, cols), dtype=np.float64)
+    for j in range(parts.shape[1]):
+        out += parts[:, j, :]
+    return out
+
+
+def _gram_pass(x: Any, first: int, client: Any, num_workers: int | None) -> np.ndarray:
+    """Columns ``first..t-1`` of the Gram matrix of a (t, n) dask array, relative to row 0."""
+    t, nblocks = x.shape[0], len(x.chunks[1])
+    parts = x.map_blocks(_gram_task, first, dtype=np.float64, chunks=((t,), (t - first,) * nblocks),
+                         meta=np.empty((0, 0), np.float64))
+    return _sum_partials(_compute(parts, client, num_workers), t, t - first)
+
+
+# ------------------------------------------------------------------ the cached Gram matrix
+
+def _records_digest(store: TrajectoryStore, count: int) -> str:
+    items = [store.layout.fingerprint] + [[r.get("time"), r.get("step")] for r in store.records[:count]]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _read_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store) -> np.ndarray | None:
+    try:
+        group = _backend.open_group(zstore, f"{store.prefix}/gram", "r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    doc = group.attrs.get("trajstore")
+    if not isinstance(doc, dict) or not isinstance(doc.get("count"), int) or not isinstance(doc.get("array"), str):
+        return None
+    count = doc["count"]
+    if not 0 < count <= len(store) or doc.get("digest") != _records_digest(store, count) or doc["array"] not in group:
+        return None  # stale (a different trajectory under the same name) or damaged: recompute
+    gram = np.asarray(group[doc["array"]][...])
+    if gram.shape != (count, count) or not np.all(np.isfinite(gram)):
+        return None
+    return gram
+
+
+def _write_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store, gram: np.ndarray) -> None:
+    group = zarr.open_group(zstore, path=f"{store.prefix}/gram", mode="a", zarr_format=3)
+    count = gram.shape[0]
+    name = f"g{count}"
+    old = group.attrs.get("trajstore", {})
+    array = group.create_array(name, shape=gram.shape, chunks=gram.shape, dtype=np.float64, fill_value=np.nan,
+                               overwrite=True, **_CRC)
+    array[...] = gram
+    # The pointer is the commit: one atomic attribute write after the data.
+    group.update_attributes({"trajstore": {"count": count, "array": name, "digest": _records_digest(store, count),
+                                           "reference": 0, "written": time.time()}})
+    if isinstance(old, dict) and isinstance(old.get("array"), str) and old["array"] != name and old["array"] in group:
+        del group[old["array"]]
+
+
+def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any = None,
+                block_bytes: int = DEFAULT_BLOCK_BYTES, num_workers: int | None = None,
+                cache: bool = True) -> np.ndarray:
+    """Gram matrix of snapshots ``[0, stop)`` relative to snapshot 0, float64 of shape (stop, stop).
+
+    Reads the cache when it covers ``stop``; otherwise computes only the missing columns (a pass
+    over snapshots ``[0, stop)`` costing ``n * stop * (stop - cached)`` multiply-adds) and caches
+    the result (when the store's backend is writable).
+    """
+    stop = len(store) if stop is None else stop
+    zstore = store.zarr_store if not store.zarr_store.read_only else store.zarr_store.with_read_only(False)
+    cached = _read_cached_gram(store, zstore) if cache else None
+    if cached is not None and cached.shape[0] >= stop:
+        return cached[:stop, :stop].copy()
+    have = 0 if cached is None else cached.shape[0]
+    x = store.to_dask(0, stop, block_bytes=block_bytes)
+    new = _gram_pass(x, have, client, num_workers)
+    gram = np.zeros((stop, stop), dtype=np.float64)
+    if cached is not None:
+        gram[:have, :have] = cached
+    gram[:, have:] = new
+    gram[have:, :have] = new[:have].T
+    if cache:
+        _write_cached_gram(store, zstore, gram)
+    return gram
+
+
+# ------------------------------------------------------------------ dldr
+
+def _metadata(sigma: np.ndarray, evals: np.ndarray, **extra: Any) -> dict[str, Any]:
+    total = float(np.clip(evals, 0.0, None).sum())
+    return {"kind": "basis", "format_version": FORMAT_VERSION, "d": int(sigma.shape[0]),
+            "singular_values": sigma.tolist(), "explained_variance_ratio": (sigma**2 / total).tolist(), **extra}
+
+
+def _eig(gram: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    centred = _linalg.centre_gram(gram)
+    sigma, v, evals, _ = _linalg.top_eigenpairs(centred, d)
+    return centred, sigma, v, evals
+
+
+def _check_d(d: object) -> int:
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise ValueError(f"d must be a positive integer, got {d!r}")
+    return int(d)
+
+
+def _dldr_array(x: Any, d: int, client: Any, block_bytes: int, num_workers: int | None) -> Basis:
+    import dask.array as da
+
+    arr = x if isinstance(x, da.Array) else da.from_array(np.asarray(x), chunks=-1)
+    if arr.ndim != 2 or arr.shape[0] < 2:
+        raise ValueError(f"snapshots must be a (t, n) array with t >= 2, got shape {arr.shape}")
+    t, n = arr.shape
+    block = max(1, block_bytes // (t * arr.dtype.itemsize))
+    arr = arr.rechunk((t, block))
+    centred, sigma, v, evals = _eig(_gram_pass(arr, 0, client, num_workers), d)
+    nblocks = len(arr.chunks[1])
+    stacked = arr.map_blocks(_basis_task, v / sigma, None, dtype=np.float64,
+                             chunks=((d + 1,), arr.chunks[1]), meta=np.empty((0, 0), np.float64))
+    out = _compute(stacked, client, num_workers)
+    u, mean = out[:d].T.copy(), out[d].copy()
+    assert nblocks >= 1
+    ortho = float(np.abs(u.T @ u - np.eye(d)).max())
+    meta = _metadata(sigma, evals, n=n, start=0, stop=t, trajectory=None, name=None, orthonormality=ortho)
+    return Basis(meta, centred, u=u, mean=mean)
+
+
+def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, trajectory: str | None = None,
+         client: Any = None, block_bytes: int = DEFAULT_BLOCK_BYTES, name: str | None = None,
+         num_workers: int | None = None, overwrite: bool = False) -> Basis:
+    """The top-``d`` DLDR basis of snapshots ``[start, stop)`` of a trajectory.
+
+    Parameters
+    ----------
+    store : TrajectoryStore, str, path, zarr Store, or array of shape (t, n)
+        A trajectory (opened read-only if given by URL), or snapshots held in memory (numpy or
+        dask), for which the basis is returned in memory and nothing is written.
+    d : int
+        Number of directions; at most the rank of the centred window (<= t - 1).
+    start, stop : int
+        The window (Python slice semantics over committed snapshots).
+    trajectory : str, optional
+        Which trajectory of the store (needed when it holds several).
+    client : dask.distributed.Client, optional
+        Run both passes on this cluster; default: the local threaded scheduler.
+    block_bytes : int
+        Target float32 bytes of one block of all t snapshots (rounded to whole store chunks).
+    name : str, optional
+        Name of the basis in the store (default ``"{trajectory}-{start}-{stop}-d{d}"``).
+    num_workers : int, optional
+        Threads of the local scheduler (default: one per core).
+    overwrite : bool
+        Recompute even when a complete basis of that name and source exists.
+
+    Returns
+    -------
+    Basis
+
+    Notes
+    -----
+    Memory does not grow with n or t beyond one block per worker: each task holds one
+    (t, b) float32 block plus a float64 sub-block of ``t * 65536`` values; the driver holds t x t
+    and d x d matrices. I/O: the Gram pass reads snapshots ``[0, stop)`` once (skipped when the
+    cached Gram matrix covers them); the basis pass reads the window once and writes
+    ``n * (d + 1)`` float32 values. FLOPs: ``n t^2`` (Gram, float64) + ``2 n t d`` (basis).
+
+    The Gram matrix is taken relative to snapshot 0 of the trajectory and centred exactly
+    (``J G J``); in float64 the centring loses about ``eps * |w_j - w_0|^2 / sigma_d^2`` in relative
+    terms, far below float32 resolution for training trajectories.
+
+    References
+    ----------
+    Li, Tan, Tao, Liu, Huang. Train Deep Neural Networks in 40-D Subspaces (DLDR, Algorithm 1).
+
+    See Also
+    --------
+    gram_matrix : the cached pass 1 on its own.
+    Basis : what is returned.
+    """
+    d = _check_d(d)
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+        raise ValueError(f"block_bytes must be a positive integer, got {block_bytes!r}")
+    if not isinstance(store, TrajectoryStore):
+        if isinstance(store, np.ndarray) or type(store).__module__.startswith("dask"):
+            return _dldr_array(store, d, client, block_bytes, num_workers)
+        store = TrajectoryStore.open(store, "r", trajectory=trajectory)
+    elif trajectory is not None and trajectory != store.name:
+        store = TrajectoryStore.open(store.zarr_store, "r", trajectory=trajectory)
+    t0, t1, _ = slice(start, stop).indices(len(store))
+    if t1 - t0 < 2:
+        raise SnapshotIndexError(f"window [{start}, {stop}) of trajectory {store.name!r} with {len(store)} "
+                                 "snapshots holds fewer than 2 snapshots")
+    zstore = store.zarr_store if not store.zarr_store.read_only else store.zarr_store.with_read_only(False)
+    name = name or f"{store.name}-{t0}-{t1}-d{d}"
+    source = {"trajectory": store.name, "start": t0, "stop": t1, "layout": store.layout.fingerprint,
+              "digest": _records_digest(store, t1)}
+    if not overwrite and name in list_bases(zstore):
+        try:
+            existing = open_basis(zstore, name)
+        except InvalidStoreError:
+            existing = None
+        if existing is not None and existing.d == d and existing.metadata.get("source") == source:
+            return existing
+    gram = gram_matrix(store, t1, client=client, block_bytes=block_bytes, num_workers=num_workers)
+    centred, sigma, v, evals = _eig(gram[t0:t1, t0:t1], d)
+    return _write_basis(store, zstore, name, d, centred, sigma, v, evals, source, client, block_bytes, num_workers)
+
+
+def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str, d: int, centred: np.ndarray,
+                 sigma: np.ndarray, v: np.ndarray, evals: np.ndarray, source: dict[str, Any], client: Any,
+                 block_bytes: int, num_workers: int | None) -> Basis:
+    t0, t1 = source["start"], source["stop"]
+    n = store.n
+    chunk = store.chunk_elems
+    u_rows = chunk // 16 if chunk % 16 == 0 and chunk >= 16 * 1024 else chunk  # divides every block
+    meta = _metadata(sigma, evals, n=n, start=t0, stop=t1, trajectory=store.name, name=name, source=source,
+                     complete=False, created=time.time(), u_chunk_rows=u_rows)
+    root = zarr.open_group(zstore, mode="a", zarr_format=3)
+    bases = root.require_group(BASES_ROOT)
+    if name in bases:
+        del bases[name]
+    group = bases.create_group(name, attributes={"trajstore": {**meta, "orthonormality": float("inf")}})
+    group.create_array("U", shape=(n, d), chunks=(u_rows, d), dtype=np.float32, fill_value=np.nan, **_CRC)
+    group.create_array("mean", shape=(n,), chunks=(u_rows,), dtype=np.float32, fill_value=np.nan, **_CRC)
+    group.create_array("gram", shape=centred.shape, chunks=centred.shape, dtype=np.float64, fill_value=np.nan, **_CRC)
+    group["gram"][...] = centred
+    x = store.to_dask(t0, t1, block_bytes=block_bytes)
+    nblocks = len(x.chunks[1])
+    writer = _BasisWriter(zstore, basis_path(name))
+    parts = x.map_blocks(functools.partial(_basis_task, writer=writer), v / sigma, dtype=np.float64,
+                         chunks=((d,), (d,) * nblocks), meta=np.empty((0, 0), np.float64))
+    utu = _sum_partials(_compute(parts, client, num_workers), d, d)
+    meta["orthonormality"] = float(np.abs(utu - np.eye(d)).max())
+    meta["complete"] = True
+    group.update_attributes({"trajstore": meta})
+    return open_basis(zstore, name)
