@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
-from . import _backend, _linalg
+from . import _backend, _linalg, _progress
 from .basis import BASES_ROOT, FORMAT_VERSION, Basis, basis_path, list_bases, open_basis
 from .errors import InvalidStoreError, SnapshotIndexError
 from .store import TrajectoryStore
@@ -77,10 +77,8 @@ def _basis_task(block: np.ndarray, v_scaled: np.ndarray, writer: _BasisWriter | 
     return u64.T @ u64  # measured on what is stored
 
 
-def _compute(obj: Any, client: Any, num_workers: int | None) -> np.ndarray:
-    if client is not None:
-        return np.asarray(client.compute(obj).result())
-    return np.asarray(obj.compute(scheduler="threads", num_workers=num_workers))
+def _compute(obj: Any, client: Any, num_workers: int | None, desc: str | None = None) -> np.ndarray:
+    return np.asarray(_progress.compute(obj, client=client, num_workers=num_workers, desc=desc))
 
 
 def _sum_partials(stacked: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -92,12 +90,13 @@ def _sum_partials(stacked: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return out
 
 
-def _gram_pass(x: Any, first: int, client: Any, num_workers: int | None) -> np.ndarray:
+def _gram_pass(x: Any, first: int, client: Any, num_workers: int | None, progress: bool = False) -> np.ndarray:
     """Columns ``first..t-1`` of the Gram matrix of a (t, n) dask array, relative to row 0."""
     t, nblocks = x.shape[0], len(x.chunks[1])
     parts = x.map_blocks(_gram_task, first, dtype=np.float64, chunks=((t,), (t - first,) * nblocks),
                          meta=np.empty((0, 0), np.float64))
-    return _sum_partials(_compute(parts, client, num_workers), t, t - first)
+    desc = f"Gram pass ({t} snapshots, {nblocks} blocks)" if progress else None
+    return _sum_partials(_compute(parts, client, num_workers, desc), t, t - first)
 
 
 # ------------------------------------------------------------------ the cached Gram matrix
@@ -141,7 +140,7 @@ def _write_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store, gra
 
 def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any = None,
                 block_bytes: int = DEFAULT_BLOCK_BYTES, num_workers: int | None = None,
-                cache: bool = True) -> np.ndarray:
+                cache: bool = True, progress: bool = False) -> np.ndarray:
     """Gram matrix of snapshots ``[0, stop)`` relative to snapshot 0, float64 of shape (stop, stop).
 
     Reads the cache when it covers ``stop``; otherwise computes only the missing columns (a pass
@@ -155,7 +154,7 @@ def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any 
         return cached[:stop, :stop].copy()
     have = 0 if cached is None else cached.shape[0]
     x = store.to_dask(0, stop, block_bytes=block_bytes)
-    new = _gram_pass(x, have, client, num_workers)
+    new = _gram_pass(x, have, client, num_workers, progress)
     gram = np.zeros((stop, stop), dtype=np.float64)
     if cached is not None:
         gram[:have, :have] = cached
@@ -209,7 +208,7 @@ def _dldr_array(x: Any, d: int, client: Any, block_bytes: int, num_workers: int 
 
 def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, trajectory: str | None = None,
          client: Any = None, block_bytes: int = DEFAULT_BLOCK_BYTES, name: str | None = None,
-         num_workers: int | None = None, overwrite: bool = False) -> Basis:
+         num_workers: int | None = None, overwrite: bool = False, progress: bool = False) -> Basis:
     """The top-``d`` DLDR basis of snapshots ``[start, stop)`` of a trajectory.
 
     Parameters
@@ -233,6 +232,8 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
         Threads of the local scheduler (default: one per core).
     overwrite : bool
         Recompute even when a complete basis of that name and source exists.
+    progress : bool
+        Show a progress bar per pass (tqdm locally, ``distributed.progress`` on a cluster).
 
     Returns
     -------
@@ -283,14 +284,15 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
             existing = None
         if existing is not None and existing.d == d and existing.metadata.get("source") == source:
             return existing
-    gram = gram_matrix(store, t1, client=client, block_bytes=block_bytes, num_workers=num_workers)
+    gram = gram_matrix(store, t1, client=client, block_bytes=block_bytes, num_workers=num_workers, progress=progress)
     centred, sigma, v, evals = _eig(gram[t0:t1, t0:t1], d)
-    return _write_basis(store, zstore, name, d, centred, sigma, v, evals, source, client, block_bytes, num_workers)
+    return _write_basis(store, zstore, name, d, centred, sigma, v, evals, source, client, block_bytes, num_workers,
+                        progress)
 
 
 def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str, d: int, centred: np.ndarray,
                  sigma: np.ndarray, v: np.ndarray, evals: np.ndarray, source: dict[str, Any], client: Any,
-                 block_bytes: int, num_workers: int | None) -> Basis:
+                 block_bytes: int, num_workers: int | None, progress: bool) -> Basis:
     t0, t1 = source["start"], source["stop"]
     n = store.n
     chunk = store.chunk_elems
@@ -311,7 +313,8 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
     writer = _BasisWriter(zstore, basis_path(name))
     parts = x.map_blocks(functools.partial(_basis_task, writer=writer), v / sigma, dtype=np.float64,
                          chunks=((d,), (d,) * nblocks), meta=np.empty((0, 0), np.float64))
-    utu = _sum_partials(_compute(parts, client, num_workers), d, d)
+    desc = f"basis pass ({t1 - t0} snapshots, {nblocks} blocks)" if progress else None
+    utu = _sum_partials(_compute(parts, client, num_workers, desc), d, d)
     meta["orthonormality"] = float(np.abs(utu - np.eye(d)).max())
     meta["complete"] = True
     group.update_attributes({"trajstore": meta})

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import zarr
+
+from . import _backend
 from ._backend import StoreLike, describe
+from .basis import BASES_ROOT, list_bases
 from .store import TrajectoryStore
 
 __all__ = ["format_info", "store_info"]
@@ -36,9 +40,36 @@ def store_info(url: StoreLike, **open_kw: Any) -> dict[str, Any]:
             "chunk_elems": store.chunk_elems,
             "bytes_stored": store.nbytes_stored(),
             "attrs": store.attrs,
+            "gram": _gram_info(store),
             "snapshots": [{k: r.get(k) for k in ("step", "epoch", "lr", "metrics", "time")} for r in store.records],
         })
-    return {"store": describe(url), "trajectories": trajectories}
+    zstore = _backend.open_zarr_store(url, read_only=True, **open_kw)
+    return {"store": describe(url), "trajectories": trajectories, "bases": _bases_info(zstore)}
+
+
+def _gram_info(store: TrajectoryStore) -> dict[str, Any] | None:
+    try:
+        group = _backend.open_group(store.zarr_store, f"{store.prefix}/gram", "r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    doc = group.attrs.get("trajstore")
+    return {"count": doc.get("count"), "reference": doc.get("reference")} if isinstance(doc, dict) else None
+
+
+def _bases_info(zstore: Any) -> list[dict[str, Any]]:
+    out = []
+    for name in list_bases(zstore):
+        group = _backend.open_group(zstore, f"{BASES_ROOT}/{name}", "r")
+        meta = group.attrs.get("trajstore")
+        if not isinstance(meta, dict):
+            continue
+        evr = meta.get("explained_variance_ratio") or []
+        out.append({"name": name, "trajectory": meta.get("trajectory"), "start": meta.get("start"),
+                    "stop": meta.get("stop"), "d": meta.get("d"), "n": meta.get("n"),
+                    "explained": float(sum(evr)) if isinstance(evr, list) else None,
+                    "orthonormality": meta.get("orthonormality"), "complete": bool(meta.get("complete")),
+                    "bytes_stored": _backend.size_of(zstore, f"{BASES_ROOT}/{name}")})
+    return out
 
 
 def format_info(info: dict[str, Any], *, max_rows: int = 12) -> str:
@@ -51,6 +82,8 @@ def format_info(info: dict[str, Any], *, max_rows: int = 12) -> str:
             f"(+{tr['buffers']} buffers, {tr['buffer_bytes']:,} B), t = {tr['t']} snapshots, "
             f"{tr['storage_dtype']}, {_human(tr['bytes_stored'])} stored, layout {tr['fingerprint']}"
         )
+        if tr.get("gram"):
+            lines.append(f"    cached Gram matrix: snapshots [0, {tr['gram']['count']}) relative to snapshot {tr['gram']['reference']}")
         snaps = tr["snapshots"]
         if not snaps:
             continue
@@ -70,6 +103,13 @@ def format_info(info: dict[str, Any], *, max_rows: int = 12) -> str:
         widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(header)]
         lines.append("    " + "  ".join(h.rjust(w) for h, w in zip(header, widths)))
         lines.extend("    " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    for b in info.get("bases", []):
+        state = "" if b["complete"] else " (INCOMPLETE)"
+        lines.append(
+            f"  basis {b['name']!r}{state}: trajectory {b['trajectory']!r} window [{b['start']}, {b['stop']}), "
+            f"d = {b['d']}, n = {b['n']:,}, explained {b['explained']:.4f}, max|UᵀU-I| = {b['orthonormality']:.1e}, "
+            f"{_human(b['bytes_stored'])}"
+        )
     return "\n".join(lines)
 
 

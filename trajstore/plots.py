@@ -1,0 +1,44 @@
+"""Figures in the style of the paper (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .basis import Basis
+
+__all__ = ["plot_basis"]
+
+
+def plot_basis(basis: Basis, path: str | Path) -> Path:
+    """Explained-variance ratios and per-snapshot residuals of a basis (paper, Figure 2a)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    evr = basis.explained_variance_ratio
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    k = np.arange(1, basis.d + 1)
+    ax1.bar(k, evr, color="tab:blue", label="ratio")
+    ax1b = ax1.twinx()
+    ax1b.plot(k, np.cumsum(evr), color="tab:red", marker=".", label="cumulative")
+    ax1b.set_ylim(0, 1.02)
+    ax1.set_xlabel("principal direction")
+    ax1.set_ylabel("explained variance ratio")
+    ax1b.set_ylabel("cumulative", color="tab:red")
+    ax1.set_title(f"top {basis.d} of {basis.t} snapshots: {np.sum(evr):.1%} explained")
+    snaps = np.arange(basis.start, basis.stop)
+    ax2.plot(snaps, basis.residuals(), marker="o", ms=3)
+    ax2.set_xlabel("snapshot")
+    ax2.set_ylabel(r"$\|w - P w\| / \|w\|$ (centred)")
+    ax2.set_title(f"projection residual onto the {basis.d}-D subspace")
+    ax2.set_ylim(bottom=0)
+    fig.suptitle(f"basis {basis.name or ''} (trajectory {basis.trajectory!r}, n = {basis.n:,})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
