@@ -171,16 +171,23 @@ def test_store_results_identical_across_workers(tmp_path: Path, w32: np.ndarray)
 
 
 class ReadCounter:
+    """Counts block reads of the store (both the dask-array path and the reduction tasks' path)."""
+
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads: list[tuple[int, int]] = []
-        original = tdask.WindowReader.__getitem__
         counter = self
+        getitem, read_into = tdask.WindowReader.__getitem__, tdask.WindowReader.read_into
 
-        def counting(reader: tdask.WindowReader, key):  # type: ignore[no-untyped-def]
+        def counting_getitem(reader: tdask.WindowReader, key):  # type: ignore[no-untyped-def]
             counter.reads.append((reader._t0, reader._t1))
-            return original(reader, key)
+            return getitem(reader, key)
 
-        monkeypatch.setattr(tdask.WindowReader, "__getitem__", counting)
+        def counting_read_into(reader: tdask.WindowReader, c0: int, c1: int, out: np.ndarray) -> np.ndarray:
+            counter.reads.append((reader._t0, reader._t1))
+            return read_into(reader, c0, c1, out)
+
+        monkeypatch.setattr(tdask.WindowReader, "__getitem__", counting_getitem)
+        monkeypatch.setattr(tdask.WindowReader, "read_into", counting_read_into)
 
 
 def test_second_window_reuses_the_cached_gram(tmp_path: Path, w32: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,7 +220,7 @@ def test_appended_snapshots_extend_the_cached_gram(tmp_path: Path, monkeypatch: 
     dldr(store, D)
     firsts: list[int] = []
     original = _linalg.gram_block
-    monkeypatch.setattr(_linalg, "gram_block", lambda block, ref=0, first=0: (firsts.append(first), original(block, ref, first))[1])
+    monkeypatch.setattr(_linalg, "gram_block", lambda block, ref=0, first=0, work=None: (firsts.append(first), original(block, ref, first, work))[1])
     model = Vec(N)
     with TrajectoryStore.open(url, "a") as writer:
         for row in w[20:]:

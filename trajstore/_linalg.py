@@ -17,23 +17,32 @@ __all__ = ["SUB_BLOCK", "basis_block", "centre_gram", "gram_block", "top_eigenpa
 SUB_BLOCK = 1 << 16
 
 
-def gram_block(block: np.ndarray, ref_row: int = 0, first: int = 0) -> np.ndarray:
+def gram_block(block: np.ndarray, ref_row: int = 0, first: int = 0, work: np.ndarray | None = None) -> np.ndarray:
     """Partial Gram matrix ``(X - x_ref)(X - x_ref)[first:]^T`` of one (t, b) block, float64 (t, t - first).
-
-    ``first > 0`` computes only the columns of snapshots ``first..t-1``: what extending a cached
-    Gram matrix by newly appended snapshots needs.
 
     The reference snapshot is subtracted in float64 before the product: the centred Gram matrix
     is shift-invariant, and working on differences avoids the cancellation that made float32
     products lose 2% on the small singular values (shared/MEASURED.md).
+
+    ``first > 0`` computes only the columns of snapshots ``first..t-1``: what extending a cached
+    Gram matrix by newly appended snapshots needs. ``work``, a reusable float64 buffer of shape
+    (t, SUB_BLOCK), avoids touching fresh memory per call (slow on this VM).
     """
     t, b = block.shape
+    work = _work(work, t)
     out = np.zeros((t, t - first), dtype=np.float64)
     for a in range(0, b, SUB_BLOCK):
-        x = block[:, a:a + SUB_BLOCK].astype(np.float64)
-        x -= x[ref_row]
+        m = min(SUB_BLOCK, b - a)
+        x = work[:, :m]
+        np.subtract(block[:, a:a + m], block[ref_row, a:a + m], out=x, dtype=np.float64)
         out += x @ x[first:].T
     return out
+
+
+def _work(work: np.ndarray | None, t: int) -> np.ndarray:
+    if work is None or work.shape[0] != t or work.shape[1] < SUB_BLOCK or work.dtype != np.float64:
+        return np.empty((t, SUB_BLOCK), dtype=np.float64)
+    return work
 
 
 def centre_gram(gram: np.ndarray) -> np.ndarray:
@@ -98,7 +107,8 @@ def tail_residuals(centred: np.ndarray, d: int) -> np.ndarray:
     return np.minimum(out, 1.0)
 
 
-def basis_block(block: np.ndarray, v_scaled: np.ndarray, ref_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def basis_block(block: np.ndarray, v_scaled: np.ndarray, ref_row: int = 0,
+                work: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Basis rows and mean of one (t, b) block: ``U_b = (X - mean)^T V Sigma^-1`` and ``mean_b``.
 
     ``v_scaled`` is ``V / sigma`` (t, d). Returns ``(u, mean)`` with u (b, d) float64 and mean (b,)
@@ -106,14 +116,15 @@ def basis_block(block: np.ndarray, v_scaled: np.ndarray, ref_row: int = 0) -> tu
     only to rounding while ``X^T 1`` may be large.
     """
     t, b = block.shape
+    work = _work(work, t)
     u = np.empty((b, v_scaled.shape[1]), dtype=np.float64)
     mean = np.empty(b, dtype=np.float64)
     for a in range(0, b, SUB_BLOCK):
-        x = block[:, a:a + SUB_BLOCK].astype(np.float64)
-        ref = x[ref_row].copy()
-        x -= ref
+        m = min(SUB_BLOCK, b - a)
+        x = work[:, :m]
+        np.subtract(block[:, a:a + m], block[ref_row, a:a + m], out=x, dtype=np.float64)
         centre = x.mean(axis=0)
         x -= centre
-        u[a:a + SUB_BLOCK] = x.T @ v_scaled
-        mean[a:a + SUB_BLOCK] = ref + centre
+        np.matmul(x.T, v_scaled, out=u[a:a + m])
+        mean[a:a + m] = block[ref_row, a:a + m] + centre
     return u, mean

@@ -33,17 +33,20 @@ class TqdmCallback(Callback):
             self._bar = None
 
 
-def compute(obj: Any, *, client: Any = None, num_workers: int | None = None, desc: str | None = None) -> Any:
-    """Compute a dask collection locally (threads) or on ``client``, with a progress bar if ``desc``."""
+def compute(objs: list[Any], *, client: Any = None, num_workers: int | None = None, desc: str | None = None) -> list[Any]:
+    """Compute dask collections or delayed objects locally (threads) or on ``client``, in order,
+    with a progress bar if ``desc``."""
+    import dask
+
     if client is not None:
-        future = client.compute(obj)
+        futures = client.compute(list(objs))
         if desc:
             from distributed import progress
 
             print(desc, flush=True)
-            progress(future)
-        return future.result()
+            progress(futures)
+        return list(client.gather(futures))
     if desc:
         with TqdmCallback(desc):
-            return obj.compute(scheduler="threads", num_workers=num_workers)
-    return obj.compute(scheduler="threads", num_workers=num_workers)
+            return list(dask.compute(*objs, scheduler="threads", num_workers=num_workers))
+    return list(dask.compute(*objs, scheduler="threads", num_workers=num_workers))

@@ -15,7 +15,6 @@ order, so results are bit-identical for any number of workers or scheduler.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -26,6 +25,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import _backend, _linalg, _progress
+from ._dask import block_tasks
 from .basis import BASES_ROOT, FORMAT_VERSION, Basis, basis_path, list_bases, open_basis
 from .errors import InvalidStoreError, SnapshotIndexError
 from .store import TrajectoryStore
@@ -42,8 +42,8 @@ _CRC = {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": N
 
 # ------------------------------------------------------------------ dask tasks (module level: picklable)
 
-def _gram_task(block: np.ndarray, first: int) -> np.ndarray:
-    return _linalg.gram_block(block, 0, first)
+def _gram_task(block: np.ndarray, c0: int, first: int, work: np.ndarray | None = None) -> np.ndarray:
+    return _linalg.gram_block(block, 0, first, work)
 
 
 class _BasisWriter:
@@ -59,44 +59,54 @@ class _BasisWriter:
     def write(self, a: int, u: np.ndarray, mean: np.ndarray) -> None:
         if self._arrays is None:
             group = _backend.open_group(self._zstore, self._path, "r+")
-            self._arrays = (group["U"], group["mean"])
+            self._arrays = tuple(group[k].with_config({"write_empty_chunks": True}) for k in ("U", "mean"))  # type: ignore[assignment]
         self._arrays[0][a:a + u.shape[0]] = u
         self._arrays[1][a:a + u.shape[0]] = mean
 
 
-def _basis_task(block: np.ndarray, v_scaled: np.ndarray, writer: _BasisWriter | None,
-                block_info: dict[Any, Any] | None = None) -> np.ndarray:
+def _basis_task(block: np.ndarray, c0: int, v_scaled: np.ndarray, writer: _BasisWriter, rows: int,
+                work: np.ndarray | None = None) -> np.ndarray:
+    """Writes the block's rows of U and the mean ``rows`` at a time (whole chunks of U) and returns
+    the partial U^T U of the stored float32 values; holds one block plus ``rows x d`` float64."""
+    d = v_scaled.shape[1]
+    utu = np.zeros((d, d), dtype=np.float64)
+    for s in range(0, block.shape[1], rows):
+        u, mean = _linalg.basis_block(block[:, s:s + rows], v_scaled, 0, work)
+        u32 = u.astype(np.float32)
+        writer.write(c0 + s, u32, mean.astype(np.float32))
+        u64 = u32.astype(np.float64)
+        utu += u64.T @ u64  # measured on what is stored
+    return utu
+
+
+def _memory_basis_task(block: np.ndarray, v_scaled: np.ndarray) -> np.ndarray:
+    """In memory: U^T and the mean stacked, (d + 1, b)."""
     u, mean = _linalg.basis_block(block, v_scaled)
-    if writer is None:  # in memory: hand back U^T and the mean, stacked (d + 1, b)
-        return np.vstack([u.T, mean[None, :]])
-    assert block_info is not None
-    a = block_info[0]["array-location"][1][0]
-    u32 = u.astype(np.float32)
-    writer.write(a, u32, mean.astype(np.float32))
-    u64 = u32.astype(np.float64)
-    return u64.T @ u64  # measured on what is stored
+    return np.vstack([u.T, mean[None, :]])
 
 
-def _compute(obj: Any, client: Any, num_workers: int | None, desc: str | None = None) -> np.ndarray:
-    return np.asarray(_progress.compute(obj, client=client, num_workers=num_workers, desc=desc))
+def _memory_gram_task(block: np.ndarray) -> np.ndarray:
+    return _linalg.gram_block(block)
 
 
-def _sum_partials(stacked: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Sum (rows, cols) partials laid side by side, in block order (deterministic)."""
-    parts = stacked.reshape(rows, -1, cols)
-    out = np.zeros((rows, cols), dtype=np.float64)
-    for j in range(parts.shape[1]):
-        out += parts[:, j, :]
+def _compute_ordered(tasks: list[Any], client: Any, num_workers: int | None, desc: str | None) -> list[np.ndarray]:
+    return [np.asarray(r) for r in _progress.compute(tasks, client=client, num_workers=num_workers, desc=desc)]
+
+
+def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
+    """Sum partials in block order: the result does not depend on the scheduler or worker count."""
+    out = np.zeros_like(parts[0])
+    for part in parts:
+        out += part
     return out
 
 
-def _gram_pass(x: Any, first: int, client: Any, num_workers: int | None, progress: bool = False) -> np.ndarray:
-    """Columns ``first..t-1`` of the Gram matrix of a (t, n) dask array, relative to row 0."""
-    t, nblocks = x.shape[0], len(x.chunks[1])
-    parts = x.map_blocks(_gram_task, first, dtype=np.float64, chunks=((t,), (t - first,) * nblocks),
-                         meta=np.empty((0, 0), np.float64))
-    desc = f"Gram pass ({t} snapshots, {nblocks} blocks)" if progress else None
-    return _sum_partials(_compute(parts, client, num_workers, desc), t, t - first)
+def _gram_pass(store: TrajectoryStore, stop: int, first: int, client: Any, num_workers: int | None,
+               block_bytes: int, progress: bool) -> np.ndarray:
+    """Columns ``first..stop-1`` of the Gram matrix of snapshots ``[0, stop)``, relative to snapshot 0."""
+    tasks = block_tasks(store, 0, stop, block_bytes, _gram_task, first)
+    desc = f"Gram pass ({stop} snapshots, {len(tasks)} blocks)" if progress else None
+    return _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
 
 
 # ------------------------------------------------------------------ the cached Gram matrix
@@ -153,8 +163,7 @@ def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any 
     if cached is not None and cached.shape[0] >= stop:
         return cached[:stop, :stop].copy()
     have = 0 if cached is None else cached.shape[0]
-    x = store.to_dask(0, stop, block_bytes=block_bytes)
-    new = _gram_pass(x, have, client, num_workers, progress)
+    new = _gram_pass(store, stop, have, client, num_workers, block_bytes, progress)
     gram = np.zeros((stop, stop), dtype=np.float64)
     if cached is not None:
         gram[:have, :have] = cached
@@ -192,15 +201,15 @@ def _dldr_array(x: Any, d: int, client: Any, block_bytes: int, num_workers: int 
     if arr.ndim != 2 or arr.shape[0] < 2:
         raise ValueError(f"snapshots must be a (t, n) array with t >= 2, got shape {arr.shape}")
     t, n = arr.shape
-    block = max(1, block_bytes // (t * arr.dtype.itemsize))
-    arr = arr.rechunk((t, block))
-    centred, sigma, v, evals = _eig(_gram_pass(arr, 0, client, num_workers), d)
-    nblocks = len(arr.chunks[1])
-    stacked = arr.map_blocks(_basis_task, v / sigma, None, dtype=np.float64,
-                             chunks=((d + 1,), arr.chunks[1]), meta=np.empty((0, 0), np.float64))
-    out = _compute(stacked, client, num_workers)
+    arr = arr.rechunk((t, max(1, block_bytes // (t * arr.dtype.itemsize))))
+    blocks = list(arr.to_delayed().ravel())
+    import dask
+
+    grams = [dask.delayed(_memory_gram_task)(b) for b in blocks]
+    centred, sigma, v, evals = _eig(_sum_in_order(_compute_ordered(grams, client, num_workers, None)), d)
+    parts = [dask.delayed(_memory_basis_task)(b, v / sigma) for b in blocks]
+    out = np.concatenate(_compute_ordered(parts, client, num_workers, None), axis=1)
     u, mean = out[:d].T.copy(), out[d].copy()
-    assert nblocks >= 1
     ortho = float(np.abs(u.T @ u - np.eye(d)).max())
     meta = _metadata(sigma, evals, n=n, start=0, stop=t, trajectory=None, name=None, orthonormality=ortho)
     return Basis(meta, centred, u=u, mean=mean)
@@ -308,13 +317,10 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
     group.create_array("mean", shape=(n,), chunks=(u_rows,), dtype=np.float32, fill_value=np.nan, **_CRC)
     group.create_array("gram", shape=centred.shape, chunks=centred.shape, dtype=np.float64, fill_value=np.nan, **_CRC)
     group["gram"][...] = centred
-    x = store.to_dask(t0, t1, block_bytes=block_bytes)
-    nblocks = len(x.chunks[1])
     writer = _BasisWriter(zstore, basis_path(name))
-    parts = x.map_blocks(functools.partial(_basis_task, writer=writer), v / sigma, dtype=np.float64,
-                         chunks=((d,), (d,) * nblocks), meta=np.empty((0, 0), np.float64))
-    desc = f"basis pass ({t1 - t0} snapshots, {nblocks} blocks)" if progress else None
-    utu = _sum_partials(_compute(parts, client, num_workers, desc), d, d)
+    tasks = block_tasks(store, t0, t1, block_bytes, _basis_task, v / sigma, writer, u_rows)
+    desc = f"basis pass ({t1 - t0} snapshots, {len(tasks)} blocks)" if progress else None
+    utu = _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
     meta["orthonormality"] = float(np.abs(utu - np.eye(d)).max())
     meta["complete"] = True
     group.update_attributes({"trajstore": meta})

@@ -19,6 +19,7 @@ chunk of the new snapshot is on the store.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from . import _backend
 from ._backend import StoreLike
 from ._dtypes import StorageDtype, storage_dtype
 from ._lease import WriterLease
+from ._localread import ChunkFault, LocalChunkReader
 from .errors import (
     CorruptSnapshotError,
     FormatVersionError,
@@ -274,15 +276,21 @@ class TrajectoryStore:
         self._static = _Static.from_json(group.attrs.get("trajstore"), where)
         self._count, self._records = parse_commit(group.attrs.get("trajstore_commit"), where)
         try:
-            self._params = zarr.open_array(self._zstore, path=f"{self._prefix}/params", mode="r" if self._mode == "r" else "r+")
-            self._buffers = (zarr.open_array(self._zstore, path=f"{self._prefix}/buffers", mode="r" if self._mode == "r" else "r+")
-                             if self._static.layout.buffer_nbytes else None)
+            self._params = self._open_array("params")
+            self._buffers = self._open_array("buffers") if self._static.layout.buffer_nbytes else None
         except (FileNotFoundError, zarr.errors.ArrayNotFoundError) as e:
             raise InvalidStoreError(f"{where}: its arrays are missing") from e
         self._check_arrays(where)
+        self._fast = self._local_reader()
         if self._mode == "a" and self._lease is None:
             self._lease = WriterLease(self._zstore, self._prefix)
             self._lease.acquire(self._name)
+
+    def _open_array(self, name: str) -> zarr.Array:
+        array = zarr.open_array(self._zstore, path=f"{self._prefix}/{name}", mode="r" if self._mode == "r" else "r+")
+        # Zarr does not persist this option: without it a chunk equal to the fill value (an all-zero
+        # buffer row) would not be written, and a missing chunk would no longer signal damage.
+        return array.with_config({"write_empty_chunks": True})
 
     def _check_arrays(self, where: str) -> None:
         layout, arr = self._static.layout, self._params
@@ -294,6 +302,23 @@ class TrajectoryStore:
             raise InvalidStoreError(f"{where}: {self._count} snapshots committed but the array holds only {arr.shape[0]} rows")
         if self._buffers is not None and (self._buffers.shape[1] != layout.buffer_nbytes or self._buffers.shape[0] < self._count):
             raise InvalidStoreError(f"{where}: buffers array {self._buffers.shape} does not match the layout")
+
+    def _local_reader(self) -> LocalChunkReader | None:
+        """The direct chunk-file reader, when the store is local and its codecs are the ones we write."""
+        root = _backend.local_root(self._zstore)
+        codecs = self._params.metadata.codecs
+        if root is None or sys.byteorder != "little" or len(codecs) != 2:
+            return None
+        serializer, checksum = codecs
+        if not (isinstance(serializer, BytesCodec) and isinstance(checksum, Crc32cCodec)):
+            return None
+        if serializer.endian is not None and serializer.endian.value != "little":
+            return None
+        encoding = self._params.metadata.chunk_key_encoding
+        if getattr(encoding, "name", None) != "default" or getattr(encoding, "separator", None) != "/":
+            return None
+        return LocalChunkReader(root / self._prefix / "params", self.n, self._static.chunk_elems,
+                                self._static.dtype.numpy_dtype)
 
     # ---------------------------------------------------------------- properties
 
@@ -392,10 +417,10 @@ class TrajectoryStore:
         params, buffers = self._static.layout.check_model(model)
         index = self._count
         self._lease.check(self._name)
-        if self._params.shape[0] <= index:
-            self._params.resize((index + 1, self.n))
-            if self._buffers is not None:
-                self._buffers.resize((index + 1, self._static.layout.buffer_nbytes))
+        # Each array grows on its own: a writer killed between the two resizes leaves them uneven.
+        for array in (self._params, self._buffers):
+            if array is not None and array.shape[0] <= index:
+                array.resize((index + 1, array.shape[1]))
         self._write_params(index, params)
         if self._buffers is not None:
             self._buffers[index, :] = self._buffer_bytes(buffers)
@@ -501,15 +526,11 @@ class TrajectoryStore:
         """
         r0, r1, _ = rows.indices(self._count)
         c0, c1, _ = cols.indices(self.n)
-        try:
-            raw = self._params[r0:r1, c0:c1]
-        except Exception as e:  # the codec pipeline raises ValueError/RuntimeError/... on bad bytes
-            bad = self._find_bad_row(r0, r1, c0, c1)
-            raise CorruptSnapshotError(
-                f"snapshot {bad} of trajectory {self._name!r} in {self._where}: a chunk of parameters "
-                f"[{c0}, {c1}) failed to decode ({type(e).__name__}: {e})"
-            ) from e
-        values = self._static.dtype.decode(raw, out)
+        if self._fast is not None:
+            raw = self._read_fast(r0, r1, c0, c1, out)
+        else:
+            raw = self._read_zarr(r0, r1, c0, c1)
+        values = raw if raw.dtype == np.float32 else self._static.dtype.decode(raw, out)
         if not np.isfinite(values.sum(dtype=np.float64)):
             row = r0 + int(np.nonzero(~np.isfinite(values).all(axis=1))[0][0])
             raise CorruptSnapshotError(
@@ -517,6 +538,31 @@ class TrajectoryStore:
                 "read as non-finite (a missing or damaged chunk; appends never commit NaN or Inf)"
             )
         return values
+
+    def _read_fast(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None) -> np.ndarray:
+        assert self._fast is not None
+        shape = (r1 - r0, c1 - c0)
+        float32 = self._static.dtype.numpy_dtype == np.float32
+        raw = out if (float32 and out is not None) else np.empty(shape, dtype=self._static.dtype.numpy_dtype)
+        try:
+            self._fast.read(r0, r1, c0, c1, raw)
+        except ChunkFault as fault:
+            raise CorruptSnapshotError(
+                f"snapshot {fault.row} of trajectory {self._name!r} in {self._where}: chunk {fault.chunk} "
+                f"(parameters [{fault.chunk * self.chunk_elems}, {min(self.n, (fault.chunk + 1) * self.chunk_elems)})) "
+                f"{fault.reason}"
+            ) from None
+        return raw
+
+    def _read_zarr(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        try:
+            return self._params[r0:r1, c0:c1]
+        except Exception as e:  # the codec pipeline raises ValueError/RuntimeError/... on bad bytes
+            bad = self._find_bad_row(r0, r1, c0, c1)
+            raise CorruptSnapshotError(
+                f"snapshot {bad} of trajectory {self._name!r} in {self._where}: a chunk of parameters "
+                f"[{c0}, {c1}) failed to decode ({type(e).__name__}: {e})"
+            ) from e
 
     def _find_bad_row(self, r0: int, r1: int, c0: int, c1: int) -> int:
         for r in range(r0, r1):
