@@ -89,8 +89,8 @@ def build_store(size: str, t: int, path: Path) -> None:
         row += np.roll(noise, 7919 * k)
         torch.nn.utils.vector_to_parameters(torch.from_numpy(row), model.parameters())
         store.append(model, step=k)
-        print(f"\r  building {size}: snapshot {k + 1}/{t} ({time.time() - started:.0f} s)", end="", flush=True)
-    print()
+        if (k + 1) % 20 == 0 or k + 1 == t:
+            print(f"  building {size}: snapshot {k + 1}/{t} ({time.time() - started:.0f} s)", flush=True)
     store.close()
 
 
@@ -151,14 +151,24 @@ def child_floor(path: Path, d: int) -> dict[str, Any]:
     t, n = len(store), store.n
     files = sorted((path / store.prefix / "params" / "c").rglob("*"))
     files = [f for f in files if f.is_file()]
-    buf = bytearray(8 * 2**20)
-    view = memoryview(buf)
-    start = time.perf_counter()
-    total = 0
-    for f in files:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def read_file(f: Path) -> int:
+        if not hasattr(local, "view"):
+            local.view = memoryview(bytearray(8 * 2**20))
+        got_total = 0
         with open(f, "rb", buffering=0) as fh:
-            while (got := fh.readinto(view)) > 0:
-                total += got
+            while (got := fh.readinto(local.view)) > 0:
+                got_total += got
+        return got_total
+
+    # The best this disk does for these files: 8 concurrent sequential readers (more did not help).
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        total = sum(pool.map(read_file, files))
     read_s = time.perf_counter() - start
     x = np.random.default_rng(0).standard_normal((t, 1 << 16))
     x @ x.T

@@ -171,23 +171,23 @@ def test_store_results_identical_across_workers(tmp_path: Path, w32: np.ndarray)
 
 
 class ReadCounter:
-    """Counts block reads of the store (both the dask-array path and the reduction tasks' path)."""
+    """Counts block reads of the store: the dask-array path and the reduction tasks' streaming path."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads: list[tuple[int, int]] = []
         counter = self
-        getitem, read_into = tdask.WindowReader.__getitem__, tdask.WindowReader.read_into
+        getitem, iter_pieces = tdask.WindowReader.__getitem__, TrajectoryStore.iter_pieces
 
         def counting_getitem(reader: tdask.WindowReader, key):  # type: ignore[no-untyped-def]
             counter.reads.append((reader._t0, reader._t1))
             return getitem(reader, key)
 
-        def counting_read_into(reader: tdask.WindowReader, c0: int, c1: int, out: np.ndarray) -> np.ndarray:
-            counter.reads.append((reader._t0, reader._t1))
-            return read_into(reader, c0, c1, out)
+        def counting_iter_pieces(store: TrajectoryStore, rows: slice, c0: int, c1: int, buffers=None):  # type: ignore[no-untyped-def]
+            counter.reads.append((rows.start, rows.stop))
+            return iter_pieces(store, rows, c0, c1, buffers)
 
         monkeypatch.setattr(tdask.WindowReader, "__getitem__", counting_getitem)
-        monkeypatch.setattr(tdask.WindowReader, "read_into", counting_read_into)
+        monkeypatch.setattr(TrajectoryStore, "iter_pieces", counting_iter_pieces)
 
 
 def test_second_window_reuses_the_cached_gram(tmp_path: Path, w32: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,3 +285,48 @@ def test_cli_basis_writes_plot_and_info_lists_it(tmp_path: Path, w32: np.ndarray
     out = capsys.readouterr().out
     assert "basis 'default-2-20-d5'" in out and "cached Gram matrix: snapshots [0, 20)" in out
     assert trajstore.Basis is type(open_basis(tmp_path / "s.zarr", "default-2-20-d5"))
+
+
+# ---------------------------------------------------------------- the streaming path with pieces
+
+def big_trajectory(t: int = 12, n: int = 300_000) -> np.ndarray:
+    return trajectory_matrix(t=t, n=n, seed=5, dtype=np.float32)
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_streamed_pieces_with_edge_chunk_match_svd(tmp_path: Path, storage_dtype: str) -> None:
+    # chunk = 131072 values = 2 pieces of 65536, and the last chunk is partial (padding is read
+    # for its checksum but never used): the piece-streaming path with every boundary case.
+    w = big_trajectory()
+    model = Vec(w.shape[1])
+    store = TrajectoryStore.create(tmp_path / "s.zarr", model, chunk_bytes=131072 * (4 if storage_dtype == "float32" else 2),
+                                   storage_dtype=storage_dtype)
+    for row in w:
+        model.set(row)
+        store.append(model)
+    assert store.chunk_elems == 131072 and store.piece == 65536
+    stored = np.stack([store.snapshot(i) for i in range(len(store))])  # what the store holds (rounded for bf16)
+    u_ref, s_ref, _ = reference(stored, 5)
+    basis = dldr(store, 5, block_bytes=1)  # one chunk per block: 3 blocks
+    assert np.max(np.abs(basis.singular_values - s_ref) / s_ref) < 1e-10
+    assert min_cosine(basis.to_numpy(), u_ref) >= 1 - 1e-8
+    np.testing.assert_allclose(basis.mean, stored.astype(np.float64).mean(axis=0), atol=1e-6)
+    # iter_pieces covers every parameter once, in order, with the stored values.
+    pieces = list((c, p.copy()) for c, p in store.iter_pieces(slice(0, len(store)), 0, store.n))
+    assert [c for c, _ in pieces] == list(range(0, store.n, 65536))
+    np.testing.assert_array_equal(np.concatenate([p for _, p in pieces], axis=1), stored)
+
+
+def test_streamed_pass_reports_a_corrupt_chunk_by_snapshot(tmp_path: Path) -> None:
+    w = big_trajectory()
+    store = make_store(tmp_path / "s.zarr", w, chunk_bytes=131072 * 4)
+    chunk_file = tmp_path / "s.zarr" / "trajectories" / "default" / "params" / "c" / "7" / "1"
+    data = bytearray(chunk_file.read_bytes())
+    data[100_000] ^= 0x01  # one flipped bit in the second piece of chunk 1 of snapshot 7
+    chunk_file.write_bytes(bytes(data))
+    with pytest.raises(trajstore.CorruptSnapshotError, match="snapshot 7 .* chunk 1 .*crc32c"):
+        dldr(store, 5)
+    import zarr
+
+    root = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    assert "bases" not in root or not list(root["bases"].groups())[0][1].attrs["trajstore"]["complete"]

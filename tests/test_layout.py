@@ -57,6 +57,7 @@ def test_fingerprint_depends_on_shapes_not_values() -> None:
     bigger = mlp()
     bigger[3] = nn.Linear(7, 4)
     assert Layout.from_model(bigger).fingerprint != a.fingerprint
+    # same number of values, different shape
     assert Layout.from_model(ShapesModel([(2, 3)])).fingerprint != Layout.from_model(ShapesModel([(3, 2)])).fingerprint
 
 

@@ -9,9 +9,12 @@ and widened on read by a 16-bit shift, which is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["STORAGE_DTYPES", "StorageDtype", "storage_dtype"]
 
@@ -26,8 +29,8 @@ class StorageDtype:
         The user-facing name (``"float32"``, ``"float16"``, ``"bfloat16"``).
     numpy_dtype : numpy.dtype
         The dtype of the Zarr array that holds the values.
-    torch_dtype : torch.dtype
-        The dtype the values have while being staged with torch.
+    torch_name : str
+        The torch dtype the values have while being staged (torch is imported only to stage).
     fill_value : int or float
         The Zarr fill value: a NaN, so a chunk missing from a committed snapshot reads as NaN and is
         detected (appends refuse non-finite values, so a committed NaN is always damage).
@@ -35,15 +38,23 @@ class StorageDtype:
 
     name: str
     numpy_dtype: np.dtype
-    torch_dtype: torch.dtype
+    torch_name: str
     fill_value: int | float
 
     @property
     def itemsize(self) -> int:
         return self.numpy_dtype.itemsize
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.torch_name)
+
     def as_torch(self, staging: np.ndarray) -> torch.Tensor:
         """A torch view of a staging buffer of this dtype (no copy)."""
+        import torch
+
         tensor = torch.from_numpy(staging)
         return tensor.view(self.torch_dtype) if tensor.dtype != self.torch_dtype else tensor
 
@@ -60,16 +71,16 @@ class StorageDtype:
 
 
 STORAGE_DTYPES: dict[str, StorageDtype] = {
-    "float32": StorageDtype("float32", np.dtype(np.float32), torch.float32, float("nan")),
-    "float16": StorageDtype("float16", np.dtype(np.float16), torch.float16, float("nan")),
+    "float32": StorageDtype("float32", np.dtype(np.float32), "float32", float("nan")),
+    "float16": StorageDtype("float16", np.dtype(np.float16), "float16", float("nan")),
     # 0x7FC0 is the canonical bfloat16 quiet NaN.
-    "bfloat16": StorageDtype("bfloat16", np.dtype(np.uint16), torch.bfloat16, 0x7FC0),
+    "bfloat16": StorageDtype("bfloat16", np.dtype(np.uint16), "bfloat16", 0x7FC0),
 }
 
 
-def storage_dtype(name: object) -> StorageDtype:
-    """Look up a storage dtype by name, with an error that lists the allowed names."""
-    if isinstance(name, torch.dtype):
+def storage_dtype(name: Any) -> StorageDtype:
+    """Look up a storage dtype by name (or torch dtype), with an error that lists the allowed names."""
+    if type(name).__name__ == "dtype" and str(name).startswith("torch."):
         name = str(name).removeprefix("torch.")
     if not isinstance(name, str) or name not in STORAGE_DTYPES:
         raise ValueError(

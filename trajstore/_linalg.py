@@ -107,24 +107,28 @@ def tail_residuals(centred: np.ndarray, d: int) -> np.ndarray:
     return np.minimum(out, 1.0)
 
 
-def basis_block(block: np.ndarray, v_scaled: np.ndarray, ref_row: int = 0,
-                work: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def basis_block(block: np.ndarray, v_scaled: np.ndarray, ref_row: int = 0, work: np.ndarray | None = None,
+                u: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Basis rows and mean of one (t, b) block: ``U_b = (X - mean)^T V Sigma^-1`` and ``mean_b``.
 
     ``v_scaled`` is ``V / sigma`` (t, d). Returns ``(u, mean)`` with u (b, d) float64 and mean (b,)
-    float64. The block is centred explicitly rather than relying on ``1^T V = 0``, which holds
-    only to rounding while ``X^T 1`` may be large.
+    float64 (``u`` is filled when given). The centring is applied exactly, not by relying on
+    ``1^T V = 0`` (true only to rounding while ``X^T 1`` may be large), but without a pass over the
+    block: ``(X - 1 c^T)^T V = X^T V - c (1^T V)``, the second term an outer product of (b,) and (d,).
     """
     t, b = block.shape
     work = _work(work, t)
-    u = np.empty((b, v_scaled.shape[1]), dtype=np.float64)
+    if u is None:
+        u = np.empty((b, v_scaled.shape[1]), dtype=np.float64)
     mean = np.empty(b, dtype=np.float64)
+    column_sums = v_scaled.sum(axis=0)
     for a in range(0, b, SUB_BLOCK):
         m = min(SUB_BLOCK, b - a)
         x = work[:, :m]
         np.subtract(block[:, a:a + m], block[ref_row, a:a + m], out=x, dtype=np.float64)
         centre = x.mean(axis=0)
-        x -= centre
-        np.matmul(x.T, v_scaled, out=u[a:a + m])
+        out = u[a:a + m]
+        np.matmul(x.T, v_scaled, out=out)
+        out -= np.multiply.outer(centre, column_sums)
         mean[a:a + m] = block[ref_row, a:a + m] + centre
     return u, mean

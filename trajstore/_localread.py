@@ -18,9 +18,16 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-__all__ = ["ChunkFault", "LocalChunkReader"]
+__all__ = ["ChunkFault", "ColumnStream", "LocalChunkReader", "PIECE", "piece_size"]
 
 THREADS = 8
+# Values per row in one streamed piece: 256 KiB of float32 per snapshot file per read.
+PIECE = 1 << 16
+
+
+def piece_size(chunk: int) -> int:
+    """Columns per streamed piece for a store chunk: PIECE when it divides the chunk, else the chunk."""
+    return PIECE if chunk % PIECE == 0 else chunk
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,80 @@ def _read_exact(fd: int, view: memoryview) -> bool:
     done = 0
     while done < len(view):
         got = os.readv(fd, [view[done:]])
+        if got == 0:
+            return False
+        done += got
+    return True
+
+
+class ColumnStream:
+    """All rows ``[r0, r1)`` of chunk column ``j``, read piece by piece in order.
+
+    Each row's crc32c is accumulated over the pieces and checked against the file's trailer in
+    :meth:`finish` (after reading any padding of an edge chunk), so a pass holds one piece of all
+    rows instead of a whole chunk column, and still verifies every byte it used. The kernel is asked
+    to prefetch the next piece of every file while the current one is being computed on.
+    """
+
+    def __init__(self, reader: LocalChunkReader, r0: int, r1: int, j: int) -> None:
+        self._reader, self._r0, self._j = reader, r0, j
+        self._fds: list[int] = []
+        self._crcs = [0] * (r1 - r0)
+        self._pos = 0
+        try:
+            for row in range(r0, r1):
+                path = reader._folder / str(row) / str(j)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise ChunkFault(row, j, "chunk file is missing") from None
+                self._fds.append(fd)
+                size = os.fstat(fd).st_size
+                if size != reader._file_bytes:
+                    raise ChunkFault(row, j, f"chunk file has {size} bytes, expected {reader._file_bytes} (truncated?)")
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, count: int, out: np.ndarray, rows: range | None = None) -> None:
+        """The next ``count`` values of rows ``rows`` (default all) into ``out[:, :count]``.
+
+        Several threads may read disjoint row sets of the same piece; call :meth:`advance` once
+        all of a piece's rows are read.
+        """
+        item = self._reader._dtype.itemsize
+        offset = self._pos * item
+        for k in rows if rows is not None else range(len(self._fds)):
+            view = memoryview(out[k, :count]).cast("B")
+            if not _pread_exact(self._fds[k], view, offset):
+                raise ChunkFault(self._r0 + k, self._j, "chunk file ended early")
+            self._crcs[k] = crc32c.crc32c(view, self._crcs[k])
+
+    def advance(self, count: int) -> None:
+        self._pos += count
+
+    def finish(self) -> None:
+        """Read the rest of each chunk (edge padding) and the trailers; check every checksum."""
+        item = self._reader._dtype.itemsize
+        rest = self._reader._chunk * item - self._pos * item
+        scratch = memoryview(bytearray(max(rest, 0) + 4))
+        for k, fd in enumerate(self._fds):
+            if not _pread_exact(fd, scratch, self._pos * item):
+                raise ChunkFault(self._r0 + k, self._j, "chunk file ended early")
+            crc = crc32c.crc32c(scratch[:rest], self._crcs[k]) if rest else self._crcs[k]
+            if crc != int.from_bytes(scratch[rest:rest + 4], "little"):
+                raise ChunkFault(self._r0 + k, self._j, "chunk failed its crc32c checksum")
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> bool:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
             return False
         done += got

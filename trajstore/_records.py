@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidStoreError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SnapshotRecord", "decode_rng", "make_record", "parse_commit"]
 
@@ -25,8 +26,8 @@ MAX_SNAPSHOTS = 10_000_000
 def _number(name: str, value: object, *, integer: bool = False) -> int | float | None:
     if value is None:
         return None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
+        value = value.item()  # a one-element torch tensor
     if hasattr(value, "item") and not isinstance(value, (int, float)):
         value = value.item()  # numpy scalars
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -57,6 +58,8 @@ def make_record(*, step: object, epoch: object, lr: object, metrics: Mapping[str
     record: SnapshotRecord = {"step": _number("step", step, integer=True), "epoch": _number("epoch", epoch),
                               "lr": _number("lr", lr), "metrics": clean, "time": time}
     if rng_state:
+        import torch
+
         record["rng"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
     return record
 
@@ -65,6 +68,8 @@ def decode_rng(record: SnapshotRecord) -> torch.Tensor | None:
     text = record.get("rng")
     if text is None:
         return None
+    import torch
+
     data = base64.b64decode(text, validate=True)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 

@@ -17,11 +17,12 @@ import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidStoreError, LayoutMismatchError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BufferSpec", "Layout", "ParamSpec", "MAX_ELEMENTS"]
 
@@ -29,17 +30,20 @@ __all__ = ["BufferSpec", "Layout", "ParamSpec", "MAX_ELEMENTS"]
 # snapshot), so a hostile store cannot make us allocate from absurd shapes.
 MAX_ELEMENTS = 2**40
 _FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
+# Bytes per element of the torch dtypes a buffer may have; a table, so reading a layout needs no torch.
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+            "int8": 1, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1, "complex64": 8,
+            "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise InvalidStoreError(f"layout names an unknown torch dtype {name!r}")
-    return dtype
+def _itemsize(name: str) -> int:
+    if name not in ITEMSIZE:
+        raise InvalidStoreError(f"layout names an unknown torch dtype {name!r} (supported: {sorted(ITEMSIZE)})")
+    return ITEMSIZE[name]
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class BufferSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _torch_dtype(self.dtype).itemsize
+        return math.prod(self.shape) * _itemsize(self.dtype)
 
     @property
     def stop(self) -> int:
@@ -165,7 +169,7 @@ class Layout:
             if spec.dtype not in _FLOAT_DTYPES:
                 raise InvalidStoreError(f"parameter {spec.name!r} has non-float dtype {spec.dtype!r}")
         for spec in buffers:
-            _torch_dtype(spec.dtype)
+            _itemsize(spec.dtype)
         _check_contiguous("parameter", params, lambda s: s.numel)
         _check_contiguous("buffer", buffers, lambda s: s.nbytes)
         layout = cls(params, buffers)
