@@ -131,3 +131,19 @@ def test_second_writer_process_is_refused_while_the_first_lives(tmp_path: Path) 
         model.set_snapshot(len(store))
         store.append(model)
         assert torch.equal(torch.from_numpy(store.snapshot(-1)), torch.from_numpy(pattern(len(store) - 1, N)))
+
+
+def test_writer_left_open_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
+    # Regression: __del__ at shutdown once read writer.json through Zarr's event loop, which
+    # deadlocked while the interpreter was exiting; the process never ended.
+    script = (
+        "import torch\n"
+        "from trajstore import TrajectoryStore\n"
+        f"s = TrajectoryStore.create({str(tmp_path / 'h.zarr')!r}, torch.nn.Linear(2, 2))\n"
+        "s.append(torch.nn.Linear(2, 2))\n"
+        "print('appended', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "appended" in proc.stdout, proc.stderr
+    with TrajectoryStore.open(tmp_path / "h.zarr", "a") as store:  # and the lock went with the process
+        assert len(store) == 1

@@ -146,3 +146,14 @@ def block_tasks(store: TrajectoryStore, t0: int, t1: int, block_bytes: int,
     task = BlockTask(WindowReader(store, t0, t1), block)
     return [dask.delayed(task, pure=False)(c0, min(c0 + block, store.n), func, *args)
             for c0 in range(0, store.n, block)]
+
+
+def snapshots_to_dask(store: TrajectoryStore, t0: int, t1: int, block_bytes: int) -> Any:
+    import dask.array as da
+    from dask.base import tokenize
+
+    block = column_block(store.chunk_elems, t1 - t0, block_bytes, store.n)
+    reader = WindowReader(store, t0, t1)
+    name = "trajstore-" + tokenize(store.url, store.name, t0, t1, len(store), store.layout.fingerprint, block)
+    return da.from_array(reader, chunks=(t1 - t0, block), asarray=False, lock=False, fancy=False,
+                         meta=np.empty((0, 0), dtype=np.float32), name=name)

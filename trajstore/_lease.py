@@ -144,11 +144,18 @@ class WriterLease:
                 f"lost the write lease of trajectory {name!r} to {_holder_text(doc)}; nothing was committed"
             )
 
-    def release(self) -> None:
+    def release(self, *, quiet: bool = False) -> None:
+        """Give the lease up. ``quiet``: touch no store (from ``__del__``); the flock still drops,
+        and a heartbeat lease then lapses after its ttl."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
             self._thread = None
+        if quiet:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            return
         doc = self._read()
         if isinstance(doc, dict) and doc.get("token") == self._token:
             try:

@@ -177,7 +177,8 @@ class Layout:
             raise InvalidStoreError("layout has no parameters")
         if layout.n > MAX_ELEMENTS or layout.buffer_nbytes > MAX_ELEMENTS:
             raise InvalidStoreError(f"layout claims {layout.n} parameters, more than the limit {MAX_ELEMENTS}")
-        if doc.get("n", layout.n) != layout.n:
+        n = doc.get("n", layout.n)
+        if not _is_int(n) or n != layout.n:
             raise InvalidStoreError(f"layout says n = {doc.get('n')!r} but its parameters add up to {layout.n}")
         if "fingerprint" in doc and doc["fingerprint"] != layout.fingerprint:
             raise InvalidStoreError(

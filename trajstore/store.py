@@ -223,7 +223,8 @@ class TrajectoryStore:
     @staticmethod
     def _root_for_create(zstore: zarr.abc.store.Store, where: str) -> zarr.Group:
         try:
-            return _read_root(zstore, where)
+            _read_root(zstore, where)  # validates kind and format version
+            return _backend.open_group(zstore, "", "r+")
         except NotAStoreError:
             pass
         try:
@@ -519,10 +520,14 @@ class TrajectoryStore:
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        # No store I/O here: at interpreter exit Zarr's event loop may be gone (a read would hang).
+        # Dropping the flock and stopping the heartbeat is enough; writer.json is only informative.
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            try:
+                lease.release(quiet=True)
+            except Exception:
+                pass
 
     # ---------------------------------------------------------------- reading
 
@@ -709,6 +714,12 @@ class TrajectoryStore:
         import torch
 
         assert self._buffers is not None
+        key = f"{self._prefix}/buffers/c/{i}/0"
+        # The buffers' fill value (0) is a plausible value, so a missing chunk must be looked for.
+        if not _backend.sync(self._zstore.exists(key)):
+            raise CorruptSnapshotError(
+                f"snapshot {i} of trajectory {self._name!r} in {self._where}: its buffers chunk is missing"
+            )
         try:
             raw = np.asarray(self._buffers[i, :])
         except Exception as e:
