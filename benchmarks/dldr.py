@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--methods", default="floor,trajstore,official,svd_compressed")
     parser.add_argument("--data", default=str(HERE / "data"), help="folder for the generated stores (kept)")
     parser.add_argument("--out", default=str(HERE / "results" / "dldr.json"))
+    parser.add_argument("--merge", action="store_true", help="keep rows of other sizes from an existing --out file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -267,6 +268,11 @@ def main() -> None:
                          f"at {runs[0]['gemm_GFLOPS']:.0f} GFLOPS)")
             print(f"{size:>10} {method:>15}: {row['seconds']:8.1f} s, peak RSS {row['peak_rss_GiB']:6.2f} GiB{extra}",
                   flush=True)
+    if args.merge and Path(args.out).exists():
+        # Keep the rows of sizes not measured in this run (for re-measuring one size).
+        measured = {r["size"] for r in rows}
+        old = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["size"] not in measured]
+        rows = sorted(old + rows, key=lambda r: SIZES[r["size"]])
     table = summarize(rows)
     print("\n" + table)
     write_result(Path(args.out), {"rows": rows, "table": table, "args": vars(args)})

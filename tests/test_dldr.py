@@ -330,3 +330,17 @@ def test_streamed_pass_reports_a_corrupt_chunk_by_snapshot(tmp_path: Path) -> No
 
     root = zarr.open_group(tmp_path / "s.zarr", mode="r")
     assert "bases" not in root or not list(root["bases"].groups())[0][1].attrs["trajstore"]["complete"]
+
+
+@pytest.mark.parametrize("n, chunk", [(1000, 1000), (65536, 65536), (300_000, 131072), (1_000_000, 262144),
+                                      (4_000_000, 1 << 20), (40_000_000, 1 << 20)])
+def test_default_chunks_split_work_and_align_with_pieces(n: int, chunk: int) -> None:
+    # Regression (1M-parameter basis at 1.67x the floor): a snapshot gets at least 4 chunks when
+    # n allows, chunks of 4 MiB at most, and large chunks are whole numbers of streamed pieces.
+    from trajstore.store import DEFAULT_CHUNK_BYTES, _chunk_elems
+
+    got = _chunk_elems(n, DEFAULT_CHUNK_BYTES // 4)
+    assert got == chunk
+    assert got <= DEFAULT_CHUNK_BYTES // 4
+    assert got == n or got % 65536 == 0  # pieces never straddle chunks
+    assert -(-n // got) >= min(4, -(-n // 65536))  # enough blocks for several workers

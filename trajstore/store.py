@@ -62,13 +62,16 @@ _TRAJ_ROOT = "trajectories"
 
 def _chunk_elems(n: int, target: int) -> int:
     """Values per chunk: large chunks are whole multiples of the streaming piece (65536 values), so
-    every piece of a pass lies in one chunk; the last chunk may extend past n (Zarr pads it)."""
+    every piece of a pass lies in one chunk, and a snapshot has at least 4 chunks when n allows, so
+    a pass over W has blocks for several workers (measured: at n = 1M a single 4 MiB chunk per
+    snapshot left one core idle, 1.67x the floor). The last chunk may extend past n (Zarr pads it)."""
     from ._localread import PIECE
 
-    if target < PIECE:
+    if target < PIECE or n <= PIECE:
         return min(n, target)
     target -= target % PIECE
-    return min(target, -(-n // PIECE) * PIECE)
+    quarter = -(-(-(-n // 4)) // PIECE) * PIECE
+    return min(target, quarter)
 
 
 def _name_ok(name: object) -> str:
