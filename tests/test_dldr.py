@@ -289,7 +289,7 @@ def test_cli_basis_writes_plot_and_info_lists_it(tmp_path: Path, w32: np.ndarray
 
 # ---------------------------------------------------------------- the streaming path with pieces
 
-def big_trajectory(t: int = 12, n: int = 300_000) -> np.ndarray:
+def big_trajectory(t: int = 12, n: int = 600_000) -> np.ndarray:
     return trajectory_matrix(t=t, n=n, seed=5, dtype=np.float32)
 
 
@@ -332,7 +332,7 @@ def test_streamed_pass_reports_a_corrupt_chunk_by_snapshot(tmp_path: Path) -> No
     assert "bases" not in root or not list(root["bases"].groups())[0][1].attrs["trajstore"]["complete"]
 
 
-@pytest.mark.parametrize("n, chunk", [(1000, 1000), (65536, 65536), (300_000, 131072), (1_000_000, 262144),
+@pytest.mark.parametrize("n, chunk", [(1000, 1000), (65536, 65536), (300_000, 65536), (1_000_000, 327680),
                                       (4_000_000, 1 << 20), (40_000_000, 1 << 20)])
 def test_default_chunks_split_work_and_align_with_pieces(n: int, chunk: int) -> None:
     # Regression (1M-parameter basis at 1.67x the floor): a snapshot gets at least 4 chunks when

@@ -69,9 +69,10 @@ def _chunk_elems(n: int, target: int) -> int:
 
     if target < PIECE or n <= PIECE:
         return min(n, target)
-    target -= target % PIECE
-    quarter = -(-(-(-n // 4)) // PIECE) * PIECE
-    return min(target, quarter)
+    chunk = target - target % PIECE
+    while chunk > PIECE and -(-n // chunk) < 4:
+        chunk -= PIECE
+    return chunk
 
 
 def _name_ok(name: object) -> str:
