@@ -1,7 +1,8 @@
-"""The store demo: record a small network's SGD trajectory into a store and describe it.
+"""The store demo: record a small network's SGD trajectory into a store, describe it, and find
+its DLDR subspace.
 
 Runs in seconds on a CPU with data generated on the spot (a seeded Gaussian mixture, 10 classes,
-32 features). Until the DLDR and subspace-training pipelines exist this is trajstore's main job.
+32 features). Until the subspace-training pipelines exist this is trajstore's main job.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trajstore import TrajectoryStore
+from trajstore import TrajectoryStore, dldr
 from trajstore.info import format_info, store_info
+from trajstore.plots import plot_basis
 
 from .provenance import provenance
 
@@ -36,11 +38,12 @@ class DemoConfig:
     lr: float = 0.05
     momentum: float = 0.9
     storage_dtype: str = "float32"
+    dim: int = 5                  # directions of the DLDR basis of the whole trajectory
 
 
 def make_data(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(cfg.seed)
-    centres = torch.randn(cfg.classes, cfg.features, generator=g) * 1.5
+    centres = torch.randn(cfg.classes, cfg.features, generator=g) * 0.4  # overlapping classes
     y = torch.randint(cfg.classes, (cfg.samples,), generator=g)
     x = centres[y] + torch.randn(cfg.samples, cfg.features, generator=g)
     return x, y
@@ -77,10 +80,18 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
                 total += len(idx)
             store.append(model, step=step, epoch=epoch, lr=cfg.lr,
                          metrics={"train_loss": loss_sum / total, "train_acc": 100.0 * correct / total})
+    basis = dldr(path, cfg.dim, progress=True)
+    png = plot_basis(basis, out / "basis.png")
     info = store_info(path)
     print(format_info(info))
+    evr = basis.explained_variance_ratio
+    print(f"DLDR: the top {cfg.dim} directions explain {evr.sum():.2%} of the trajectory's variance "
+          f"(top 1: {evr[0]:.2%}); largest per-snapshot residual {basis.residuals().max():.3f}; wrote {png}")
     result = {"config": asdict(cfg), "provenance": provenance(), "wall_seconds": time.time() - started,
-              "store": str(path), "info": info}
+              "store": str(path), "info": info,
+              "basis": {"name": basis.name, "d": basis.d, "singular_values": basis.singular_values.tolist(),
+                        "explained_variance_ratio": evr.tolist(), "residuals": basis.residuals().tolist(),
+                        "orthonormality": basis.orthonormality}}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'results.json'}")
     return result
