@@ -97,6 +97,18 @@ class Basis:
         """The whole basis U, shape (n, d). Holds n * d values in memory: for small n."""
         return self.rows(0, self.n)
 
+    def on(self, device: Any = "cpu", *, dtype: Any = None, mode: str = "auto") -> Any:
+        """This basis on a torch device, for projecting gradients and lifting steps.
+
+        See :class:`trajstore.projection.DeviceBasis` for the modes (``auto``, ``resident``,
+        ``mmap``, ``stream``).
+        """
+        import torch
+
+        from .projection import DeviceBasis
+
+        return DeviceBasis(self, device, dtype=dtype or torch.float32, mode=mode)  # type: ignore[arg-type]
+
     def coordinates(self) -> np.ndarray:
         """Coordinates ``U^T (w_j - mean)`` of the window's snapshots, shape (t, d): ``V Sigma``."""
         sigma, v, _, _ = _linalg.top_eigenpairs(self._gram, self.d)
