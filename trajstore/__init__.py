@@ -14,5 +14,18 @@ from .dldr import dldr, gram_matrix
 from .layout import Layout
 from .store import TrajectoryStore
 
+
+def __getattr__(name: str) -> object:
+    # The optimizers need torch; importing trajstore for the store and DLDR must not.
+    if name in ("PBFGS", "ClosureError"):
+        from . import pbfgs
+
+        return getattr(pbfgs, name)
+    if name == "PSGD":
+        from .psgd import PSGD
+
+        return PSGD
+    raise AttributeError(f"module 'trajstore' has no attribute {name!r}")
+
 __version__ = "0.1.0"
-__all__ = ["Basis", "Layout", "TrajectoryStore", "dldr", "gram_matrix", "open_basis", "__version__", *_errors_all]
+__all__ = ["Basis", "ClosureError", "Layout", "PBFGS", "PSGD", "TrajectoryStore", "dldr", "gram_matrix", "open_basis", "__version__", *_errors_all]

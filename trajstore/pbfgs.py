@@ -1,0 +1,236 @@
+"""P-BFGS and P+-BFGS (Li et al., Train Deep Neural Networks in 40-D Subspaces, Algorithm 2).
+
+BFGS on the d coordinates of a DLDR subspace: projected gradient ``g~ = P^T g``, the inverse-Hessian
+update of eq. (13) from ``B_0 = I`` (skipped, and counted, when ``y^T s <= eps``), and Armijo
+backtracking (eq. 14) on the same mini-batch from ``alpha = 1``. P+-BFGS also moves the residual
+``g - P g~`` by SGD with momentum.
+
+The numerics (:func:`bfgs_update`, :func:`armijo_accepts`) are pure functions on tensors; the
+optimizer does the parameter plumbing, like ``torch.optim.LBFGS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .errors import TrajstoreError
+
+__all__ = ["ClosureError", "PBFGS", "armijo_accepts", "bfgs_update"]
+
+_CLOSURE_FIX = (
+    "a line-search trial calls the closure under torch.no_grad(); make the closure call backward()\n"
+    "only when gradients are enabled:\n\n"
+    "    def closure():\n"
+    "        optimizer.zero_grad()\n"
+    "        loss = criterion(model(x), y)\n"
+    "        if torch.is_grad_enabled():\n"
+    "            loss.backward()\n"
+    "        return loss\n"
+)
+
+
+class ClosureError(TrajstoreError, TypeError):
+    """The closure does not follow the contract of line-search optimizers."""
+
+
+def bfgs_update(b: torch.Tensor, s: torch.Tensor, y: torch.Tensor, eps: float) -> tuple[torch.Tensor, bool]:
+    """Inverse-Hessian BFGS update, paper eq. (13): ``(I - rho s y^T) B (I - rho y s^T) + rho s s^T``.
+
+    Returns ``(B, updated)``; when ``y^T s <= eps`` (curvature condition fails) B is returned
+    unchanged and ``updated`` is False.
+    """
+    ys = torch.dot(y, s)
+    if not bool(ys > eps):
+        return b, False
+    rho = 1.0 / ys
+    by = b @ y
+    # Expanded form of eq. (13), one rank-2 correction (B symmetric):
+    # B - rho (s (B y)^T + (B y) s^T) + (rho^2 y^T B y + rho) s s^T
+    b = b - rho * (torch.outer(s, by) + torch.outer(by, s)) + (rho * rho * torch.dot(y, by) + rho) * torch.outer(s, s)
+    return b, True
+
+
+def armijo_accepts(loss0: float, trial: float, alpha: float, slope: float, c: float) -> bool:
+    """Armijo's sufficient decrease, paper eq. (14): ``f(x + alpha p) <= f(x) + c alpha g~^T p``."""
+    return trial <= loss0 + c * alpha * slope
+
+
+def _rng_state(devices: set[torch.device]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    cuda = {d.index or 0: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, dict[int, torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    for index, s in state[1].items():
+        torch.cuda.set_rng_state(s, index)
+
+
+class PBFGS(torch.optim.Optimizer):
+    """BFGS in the subspace spanned by a DLDR basis (P-BFGS; P+-BFGS with ``plus=True``).
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        The model's parameters, in ``model.parameters()`` order (the store's layout order).
+    basis : Basis or DeviceBasis
+        The subspace; a :class:`Basis` is placed on the parameters' device with ``mode="auto"``.
+    c : float
+        Armijo constant, in (0, 1) (paper: 0.4).
+    beta : float
+        Backtracking factor, in (0, 1) (paper: 0.55).
+    max_trials : int
+        Line-search trials per step, >= 1; a step whose trials all fail is not taken and is
+        counted in ``stats["failures"]``.
+    plus : bool
+        Also move the residual gradient by SGD with momentum (P+-BFGS).
+    residual_lr, residual_momentum : float
+        Step size (> 0) and momentum (in [0, 1)) of the residual update (paper: 0.01, 0.9).
+    weight_decay : float
+        L2 coefficient (>= 0; off by default, as in the paper): ``weight_decay / 2 * |w|^2`` is
+        added to the objective, so to the gradient and to every line-search loss.
+    eps : float
+        Curvature threshold of the BFGS update (> 0).
+
+    Notes
+    -----
+    Memory: one flat copy of the parameters (to restore them between line-search trials), the
+    d x d matrix B, and with ``plus`` one momentum buffer per parameter. Every step calls the
+    closure once with gradients and up to ``max_trials`` times without; trial calls replay the
+    step's RNG state, so dropout masks match the gradient's forward pass.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, c: float = 0.4, beta: float = 0.55,
+                 max_trials: int = 20, plus: bool = False, residual_lr: float = 0.01,
+                 residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-10) -> None:
+        _check("c", c, 0.0, 1.0, "in (0, 1)")
+        _check("beta", beta, 0.0, 1.0, "in (0, 1)")
+        if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+            raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")
+        _check("residual_lr", residual_lr, 0.0, float("inf"), "> 0")
+        if not isinstance(residual_momentum, (int, float)) or not 0.0 <= residual_momentum < 1.0:
+            raise ValueError(f"residual_momentum must be in [0, 1), got {residual_momentum!r}")
+        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        _check("eps", eps, 0.0, float("inf"), "> 0")
+        defaults = {"c": c, "beta": beta, "max_trials": max_trials, "plus": bool(plus), "residual_lr": residual_lr,
+                    "residual_momentum": residual_momentum, "weight_decay": weight_decay, "eps": eps}
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("PBFGS takes one parameter group (the whole model, in layout order)")
+        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
+        n = sum(p.numel() for p in self._params)
+        from .projection import DeviceBasis
+
+        self._basis = basis if isinstance(basis, DeviceBasis) else basis.on(self._params[0].device,
+                                                                             dtype=self._params[0].dtype)
+        if self._basis.n != n:
+            raise ValueError(f"the parameters hold {n} values, the basis has n = {self._basis.n}: "
+                             "pass model.parameters() of the model the trajectory was recorded from")
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Steps, line-search trials per step, skipped BFGS updates, failed line searches."""
+        st = self._state()
+        return {"steps": st["n_steps"], "trials": list(st["trials"]), "skipped_updates": st["skipped"],
+                "failures": st["failures"]}
+
+    def _state(self) -> dict[str, Any]:
+        state = self.state[self._params[0]]
+        if "B" not in state:
+            p = self._params[0]
+            d = self._basis.d
+            state.update(B=torch.eye(d, dtype=p.dtype, device=p.device), prev_g=None, prev_s=None,
+                         n_steps=0, trials=[], skipped=0, failures=0)
+        return state
+
+    def _objective(self, loss: torch.Tensor) -> float:
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        wd = self.defaults["weight_decay"]
+        if wd:
+            value += 0.5 * wd * sum(float(p.detach().pow(2).sum()) for p in self._params)
+        return value
+
+    def _call(self, closure: Callable[[], Any], *, grad: bool) -> float:
+        if grad:
+            with torch.enable_grad():
+                return self._objective(closure())
+        try:
+            return self._objective(closure())
+        except RuntimeError as e:
+            if "does not require grad" in str(e):
+                raise ClosureError(_CLOSURE_FIX) from e
+            raise
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> float:  # type: ignore[override]
+        """One P-BFGS step; ``closure`` zeroes the gradients, computes the loss, and calls
+        ``backward()`` only when ``torch.is_grad_enabled()``. Returns the loss before the step."""
+        if closure is None:
+            raise ClosureError("PBFGS.step needs a closure (it re-evaluates the loss in its line search)")
+        group, st = self.param_groups[0], self._state()
+        devices = {p.device for p in self._params}
+        rng_before = _rng_state(devices)
+        loss0 = self._call(closure, grad=True)
+        rng_after = _rng_state(devices)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        if group["weight_decay"]:
+            grads = [g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, self._params)]
+        g = self._basis.project(grads).to(self._params[0].dtype)
+        if st["prev_g"] is not None:
+            st["B"], updated = bfgs_update(st["B"], st["prev_s"], g - st["prev_g"], group["eps"])
+            st["skipped"] += int(not updated)
+        direction = -(st["B"] @ g)
+        slope = float(torch.dot(g, direction))
+        origin = torch.nn.utils.parameters_to_vector(self._params).clone()
+        alpha, accepted, trials = 1.0, False, 0
+        for trials in range(1, group["max_trials"] + 1):
+            self._basis.lift(direction, out=self._params, alpha=alpha)
+            _set_rng_state(rng_before)
+            trial = self._call(closure, grad=False)
+            if armijo_accepts(loss0, trial, alpha, slope, group["c"]):
+                accepted = True
+                break
+            _restore(self._params, origin)
+            alpha *= group["beta"]
+        _set_rng_state(rng_after)
+        st["n_steps"] += 1
+        st["trials"].append(trials)
+        if accepted:
+            st["prev_s"], st["prev_g"] = alpha * direction, g
+        else:
+            st["failures"] += 1
+            st["prev_s"], st["prev_g"] = None, None  # no step taken: no curvature pair either
+        if group["plus"]:
+            self._residual_step(grads, g, group)
+        return loss0
+
+    def _residual_step(self, grads: list[torch.Tensor], g: torch.Tensor, group: dict[str, Any]) -> None:
+        """SGD with momentum on ``g - P g~``: ``m = gamma m + (g - P g~)``, ``w -= lr m``."""
+        buffers = []
+        for p, grad in zip(self._params, grads):
+            state = self.state[p]
+            if "residual_momentum" not in state:
+                state["residual_momentum"] = torch.zeros_like(p)
+            state["residual_momentum"].mul_(group["residual_momentum"]).add_(grad)
+            buffers.append(state["residual_momentum"])
+        self._basis.lift(g, out=buffers, alpha=-1.0)
+        for p, m in zip(self._params, buffers):
+            p.add_(m, alpha=-group["residual_lr"])
+
+
+def _restore(params: list[torch.Tensor], origin: torch.Tensor) -> None:
+    """Copy a flat vector back into the parameters (in place: vector_to_parameters would make the
+    parameters views of ``origin``, which the next trial's in-place step would then overwrite)."""
+    offset = 0
+    for p in params:
+        p.copy_(origin[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _check(name: str, value: object, lo: float, hi: float, text: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+        raise ValueError(f"{name} must be {text}, got {value!r}")

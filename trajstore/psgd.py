@@ -1,0 +1,61 @@
+"""P-SGD: SGD with momentum on the d coordinates of a DLDR subspace.
+
+``v = momentum * v + P^T g``, ``w -= lr * P v`` (the paper's subspace SGD baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["PSGD"]
+
+
+class PSGD(torch.optim.Optimizer):
+    """SGD with momentum restricted to the span of a basis.
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        The model's parameters in ``model.parameters()`` order (the store's layout order).
+    basis : Basis or DeviceBasis
+    lr : float
+        Step size, > 0.
+    momentum : float
+        In [0, 1).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], basis: Any, lr: float, momentum: float = 0.9) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+        if len(self.param_groups) != 1:
+            raise ValueError("PSGD takes one parameter group (the whole model, in layout order)")
+        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
+        from .projection import DeviceBasis
+
+        self._basis = basis if isinstance(basis, DeviceBasis) else basis.on(self._params[0].device,
+                                                                             dtype=self._params[0].dtype)
+        n = sum(p.numel() for p in self._params)
+        if self._basis.n != n:
+            raise ValueError(f"the parameters hold {n} values, the basis has n = {self._basis.n}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        state = self.state[self._params[0]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        g = self._basis.project(grads).to(self._params[0].dtype)
+        if "coord_momentum" not in state:
+            state["coord_momentum"] = torch.zeros_like(g)
+        v = state["coord_momentum"].mul_(group["momentum"]).add_(g)
+        self._basis.lift(v, out=self._params, alpha=-group["lr"])
+        return loss
