@@ -206,3 +206,47 @@ def test_psgd_moves_only_in_the_subspace_and_converges() -> None:
     assert np.linalg.norm(x - x_star) / np.linalg.norm(x_star - x0) < 1e-6
     with pytest.raises(ValueError, match="lr must be > 0"):
         PSGD(model.parameters(), basis, lr=0)
+
+
+def test_resume_in_a_new_process_is_bit_for_bit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("_resume_process.py")
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()[0] + " " + proc.stdout.split()[1]
+
+    straight = run("8")
+    run("4", "--save", str(tmp_path / "state.pt"))
+    resumed = run("4", "--load", str(tmp_path / "state.pt"))
+    assert resumed == straight  # same parameter bytes and the same step count
+
+
+def test_gradient_accumulation_uses_the_same_micro_batches_in_the_line_search() -> None:
+    # A closure that accumulates over micro-batches (and, without gradients, sums the same
+    # micro-batches' losses) gives the same steps as one closure over the whole batch.
+    iterates = []
+    for micro in (1, 4):
+        model, _, basis, _, x_star, a = problem(torch.float64, seed=7)
+        at, xs = torch.tensor(a), torch.tensor(x_star)
+        parts = torch.arange(N).chunk(micro)
+
+        def closure() -> torch.Tensor:
+            model.zero_grad()
+            total = torch.zeros((), dtype=torch.float64)
+            for idx in parts:
+                loss = 0.5 * (at[idx] * (model.x[idx] - xs[idx]) ** 2).sum()
+                if torch.is_grad_enabled():
+                    loss.backward()
+                total = total + loss.detach()
+            return total
+
+        opt = PBFGS(model.parameters(), basis.on("cpu", dtype=torch.float64))
+        for _ in range(5):
+            opt.step(closure)
+        iterates.append(model.x.detach().numpy().copy())
+    np.testing.assert_allclose(iterates[1], iterates[0], rtol=0, atol=1e-12)
