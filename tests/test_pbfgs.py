@@ -187,6 +187,7 @@ def test_failed_line_search_takes_no_step() -> None:
     ({"residual_lr": -1.0}, "residual_lr must be > 0, got -1.0"),
     ({"residual_momentum": 1.0}, r"residual_momentum must be in \[0, 1\), got 1.0"),
     ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
+    ({"restore": "disk"}, "restore must be 'copy' or 'offset', got 'disk'"),
 ])
 def test_hyperparameters_are_validated(kwargs: dict, match: str) -> None:
     model, _, basis, *_ = problem(torch.float64)
@@ -250,3 +251,21 @@ def test_gradient_accumulation_uses_the_same_micro_batches_in_the_line_search() 
             opt.step(closure)
         iterates.append(model.x.detach().numpy().copy())
     np.testing.assert_allclose(iterates[1], iterates[0], rtol=0, atol=1e-12)
+
+
+def test_offset_restore_matches_copy_restore() -> None:
+    runs = {}
+    for restore in ("copy", "offset"):
+        model, closure, basis, *_ = problem(torch.float64, seed=9)
+        opt = PBFGS(model.parameters(), basis.on("cpu", dtype=torch.float64), restore=restore)
+        for _ in range(10):
+            opt.step(closure)
+        runs[restore] = (model.x.detach().numpy().copy(), opt.stats["trials"])
+    assert runs["copy"][1] == runs["offset"][1] and max(runs["copy"][1]) > 1  # same backtracking, which did occur
+    np.testing.assert_allclose(runs["offset"][0], runs["copy"][0], rtol=0, atol=1e-12)
+    model, closure, basis, *_ = problem(torch.float64)
+    before = model.x.detach().clone()
+    opt = PBFGS(model.parameters(), basis.on("cpu", dtype=torch.float64), max_trials=3, restore="offset")
+    opt.step(lambda: closure() + (0.0 if torch.is_grad_enabled() else 1e6))  # every trial fails
+    assert opt.stats["failures"] == 1
+    np.testing.assert_allclose(model.x.detach().numpy(), before.numpy(), rtol=0, atol=1e-12)  # back, to rounding

@@ -94,18 +94,24 @@ class PBFGS(torch.optim.Optimizer):
         added to the objective, so to the gradient and to every line-search loss.
     eps : float
         Curvature threshold of the BFGS update (> 0).
+    restore : {"copy", "offset"}
+        How parameters return to the step's origin between line-search trials: ``"copy"`` keeps
+        one flat copy of the parameters and restores them exactly; ``"offset"`` moves by the
+        difference of step sizes along the d-dim direction, with no copy (for models where one
+        more copy does not fit), restoring them to float rounding.
 
     Notes
     -----
-    Memory: one flat copy of the parameters (to restore them between line-search trials), the
-    d x d matrix B, and with ``plus`` one momentum buffer per parameter. Every step calls the
+    Memory: with ``restore="copy"`` one flat copy of the parameters, the d x d matrix B, and with
+    ``plus`` one momentum buffer per parameter. Every step calls the
     closure once with gradients and up to ``max_trials`` times without; trial calls replay the
     step's RNG state, so dropout masks match the gradient's forward pass.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, c: float = 0.4, beta: float = 0.55,
                  max_trials: int = 20, plus: bool = False, residual_lr: float = 0.01,
-                 residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-10) -> None:
+                 residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-10,
+                 restore: str = "copy") -> None:
         _check("c", c, 0.0, 1.0, "in (0, 1)")
         _check("beta", beta, 0.0, 1.0, "in (0, 1)")
         if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
@@ -116,7 +122,9 @@ class PBFGS(torch.optim.Optimizer):
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         _check("eps", eps, 0.0, float("inf"), "> 0")
-        defaults = {"c": c, "beta": beta, "max_trials": max_trials, "plus": bool(plus), "residual_lr": residual_lr,
+        if restore not in ("copy", "offset"):
+            raise ValueError(f"restore must be 'copy' or 'offset', got {restore!r}")
+        defaults = {"restore": restore, "c": c, "beta": beta, "max_trials": max_trials, "plus": bool(plus), "residual_lr": residual_lr,
                     "residual_momentum": residual_momentum, "weight_decay": weight_decay, "eps": eps}
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
@@ -185,17 +193,25 @@ class PBFGS(torch.optim.Optimizer):
             st["skipped"] += int(not updated)
         direction = -(st["B"] @ g)
         slope = float(torch.dot(g, direction))
-        origin = torch.nn.utils.parameters_to_vector(self._params).clone()
-        alpha, accepted, trials = 1.0, False, 0
+        # "copy": one flat copy restores the parameters exactly; "offset": move by the difference
+        # of step sizes along the d-dim direction (no copy; restores to rounding).
+        origin = torch.nn.utils.parameters_to_vector(self._params) if group["restore"] == "copy" else None
+        alpha, applied, accepted, trials = 1.0, 0.0, False, 0
         for trials in range(1, group["max_trials"] + 1):
-            self._basis.lift(direction, out=self._params, alpha=alpha)
+            self._basis.lift(direction, out=self._params, alpha=alpha - applied)
+            applied = alpha
             _set_rng_state(rng_before)
             trial = self._call(closure, grad=False)
             if armijo_accepts(loss0, trial, alpha, slope, group["c"]):
                 accepted = True
                 break
-            _restore(self._params, origin)
+            if origin is not None:
+                _restore(self._params, origin)
+                applied = 0.0
             alpha *= group["beta"]
+        if not accepted and applied:
+            self._basis.lift(direction, out=self._params, alpha=-applied)
+        del origin
         _set_rng_state(rng_after)
         st["n_steps"] += 1
         st["trials"].append(trials)
