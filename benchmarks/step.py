@@ -95,7 +95,7 @@ def synthetic_basis(model: nn.Module, d: int, folder: Path) -> Any:
 
 def part1(batches: list[int], steps: int, d: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
             torch.manual_seed(0)
             models = {k: build_model("resnet20") for k in ("sgd", "trajstore", "official")}

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["DeviceBasis", "MODES"]
 
 MODES = ("auto", "resident", "mmap", "stream")
+RESIDENT_STEP_ROWS = 1 << 22
 log = logging.getLogger("trajstore")
 
 
@@ -65,10 +66,15 @@ class DeviceBasis:
         self._resident: torch.Tensor | None = None
         self._maps: list[torch.Tensor] | None = None
         self._staging: torch.Tensor | None = None
+        # Rows per product: the storage chunk, except for a resident U, where larger slices cut
+        # the per-chunk overhead (measured on an H100: 853 chunks of 65,536 rows made a P+-BFGS
+        # step 4.5x an SGD step of a 55.9M-parameter WRN).
+        self.step_rows = self.rows
         if self.mode == "resident":
             self._resident = torch.empty((self.n, self.d), dtype=dtype, device=self.device)
             for a, b in self._ranges():
                 self._resident[a:b] = torch.from_numpy(basis.rows(a, b)).to(self.device, dtype)
+            self.step_rows = max(self.rows, RESIDENT_STEP_ROWS)
         elif self.mode == "mmap":
             self._maps = self._map_chunks()
 
@@ -99,9 +105,10 @@ class DeviceBasis:
             return "mmap", "local store on a CPU: the OS pages U in"
         return "resident", "basis not in a local folder"
 
-    def _ranges(self) -> Iterator[tuple[int, int]]:
-        for a in range(0, self.n, self.rows):
-            yield a, min(a + self.rows, self.n)
+    def _ranges(self, rows: int | None = None) -> Iterator[tuple[int, int]]:
+        rows = rows or self.rows
+        for a in range(0, self.n, rows):
+            yield a, min(a + rows, self.n)
 
     def _map_chunks(self) -> list[torch.Tensor]:
         import crc32c
@@ -169,8 +176,8 @@ class DeviceBasis:
         tensors = self._as_list(grad)
         offsets = self._offsets(tensors)
         out = torch.zeros(self.d, dtype=self.dtype, device=self.device)
-        gathered = torch.empty(self.rows, dtype=self.dtype, device=self.device)
-        for i, (a, b) in enumerate(self._ranges()):
+        gathered = torch.empty(self.step_rows, dtype=self.dtype, device=self.device)
+        for i, (a, b) in enumerate(self._ranges(self.step_rows)):
             segs = list(self._segments(tensors, a, b, offsets))
             if len(segs) == 1 and segs[0][0].dtype == self.dtype and segs[0][0].device == self.device:
                 g = segs[0][0][segs[0][1]:segs[0][2]]
@@ -190,7 +197,7 @@ class DeviceBasis:
             raise ValueError(f"coords must have shape ({self.d},), got {tuple(coords.shape)}")
         if out is None:
             flat = torch.empty(self.n, dtype=self.dtype, device=self.device)
-            for i, (a, b) in enumerate(self._ranges()):
+            for i, (a, b) in enumerate(self._ranges(self.step_rows)):
                 torch.mv(self.chunk(i, a, b), z, out=flat[a:b])
             return flat
         tensors = list(out)
@@ -199,7 +206,7 @@ class DeviceBasis:
             if not t.is_contiguous():
                 raise ValueError(f"lift(out=...) adds in place and needs contiguous tensors; tensor {k} of shape "
                                  f"{tuple(t.shape)} is not (call .contiguous() on it first)")
-        for i, (a, b) in enumerate(self._ranges()):
+        for i, (a, b) in enumerate(self._ranges(self.step_rows)):
             step = self.chunk(i, a, b) @ z
             pos = 0
             for flat_view, lo, hi in self._segments(tensors, a, b, offsets):
