@@ -269,3 +269,56 @@ def test_offset_restore_matches_copy_restore() -> None:
     opt.step(lambda: closure() + (0.0 if torch.is_grad_enabled() else 1e6))  # every trial fails
     assert opt.stats["failures"] == 1
     np.testing.assert_allclose(model.x.detach().numpy(), before.numpy(), rtol=0, atol=1e-12)  # back, to rounding
+
+
+def test_line_search_trials_replay_the_gradient_pass_dropout_masks() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Dropout(0.5), nn.Linear(64, 1))
+    x, y = torch.randn(32, 20), torch.randn(32, 1)
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy().astype(np.float64)
+    rng = np.random.default_rng(0)
+    basis = dldr(flat + rng.standard_normal((6, flat.size)) * 0.01, 4)
+    masks: list[tuple[bool, torch.Tensor]] = []
+    model[1].register_forward_hook(lambda m, i, o: masks.append((torch.is_grad_enabled(), o != 0)))
+
+    def closure() -> torch.Tensor:
+        model.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    opt = PBFGS(model.parameters(), basis.on("cpu"), max_trials=4, c=0.999)  # c near 1: several trials
+    torch.manual_seed(123)
+    opt.step(closure)
+    after_step = torch.get_rng_state()
+    torch.manual_seed(123)
+    torch.nn.Dropout(0.5)(torch.ones(32, 64))  # the one forward the gradient pass consumed
+    assert torch.equal(after_step, torch.get_rng_state())  # the RNG stream advanced by one forward only
+    grad_masks = [m for enabled, m in masks if enabled]
+    trial_masks = [m for enabled, m in masks if not enabled]
+    assert len(grad_masks) == 1 and len(trial_masks) == opt.stats["trials"][-1] >= 1
+    for mask in trial_masks:
+        assert torch.equal(mask, grad_masks[0])  # every trial saw the gradient pass's dropout mask
+
+
+def test_weight_decay_equals_the_l2_term_in_the_objective() -> None:
+    lam, runs = 0.3, []
+    for builtin in (True, False):
+        model, closure, basis, *_ = problem(torch.float64, seed=11, in_subspace=False)
+
+        def with_l2() -> torch.Tensor:
+            loss = closure() if not torch.is_grad_enabled() else None
+            if loss is None:
+                model.zero_grad()
+                loss = closure()
+                l2 = 0.5 * lam * (model.x ** 2).sum()
+                l2.backward()
+                return loss + l2.detach()
+            return loss + 0.5 * lam * (model.x ** 2).sum()
+
+        opt = PBFGS(model.parameters(), basis.on("cpu", dtype=torch.float64), weight_decay=lam if builtin else 0.0)
+        for _ in range(6):
+            opt.step(closure if builtin else with_l2)
+        runs.append(model.x.detach().numpy().copy())
+    np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-10)
