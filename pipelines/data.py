@@ -3,7 +3,9 @@
 - ``mnist1d``: MNIST-1D (Greydanus 2020) generated on the spot by the ``mnist1d`` package's
   ``make_dataset`` with its default arguments (4,000 train / 1,000 test sequences of 40 values);
 - ``digits``: scikit-learn's 8 x 8 digits (shipped with the package), a fixed 80/20 split;
-- ``cifar10`` / ``cifar100``: torchvision's loaders on a local folder, with the paper's
+- ``cifar10`` / ``cifar100``: the python version of the data set in a local folder, read with an
+  unpickler that only rebuilds numpy arrays (torchvision's loaders call ``pickle.load``, which a
+  file from elsewhere could use to run code), with torchvision's transforms for the paper's
   augmentation (4-pixel pad + random crop, horizontal flip) and the per-channel statistics of
   each training set;
 - ``imagefolder:PATH``: any torchvision ``ImageFolder`` with ``PATH/train`` and ``PATH/test``.
@@ -14,6 +16,8 @@ labels drawn among the data set's other classes.
 
 from __future__ import annotations
 
+import importlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["CIFAR_STATS", "Data", "label_noise", "load"]
+__all__ = ["CIFAR_STATS", "CifarArrays", "Data", "SafeUnpickler", "label_noise", "load"]
 
 # Per-channel mean and standard deviation of the training images (pixel values in [0, 1]).
 CIFAR_STATS = {
@@ -91,8 +95,55 @@ def _digits(noise: float, seed: int) -> Data:
     return _tensor_data(x[:cut], y[:cut], x[cut:], y[cut:], 10, noise, seed)
 
 
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python batches, which are pickled dicts of numpy arrays, allowing only
+    the few globals that rebuild arrays: a file from elsewhere can never run code through us."""
+
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        canonical = module.replace("numpy.core.", "numpy._core.")  # numpy 1.x and 2.x spellings
+        if (canonical, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file (only numpy arrays are allowed)")
+        try:
+            return getattr(importlib.import_module(canonical), name)
+        except ImportError:  # numpy 1.x has no numpy._core
+            return getattr(importlib.import_module(canonical.replace("numpy._core.", "numpy.core.")), name)
+
+
+def _read_batch(path: Path, label_key: str, layout: str) -> tuple[np.ndarray, list[int]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: expected {layout} (nothing is downloaded)")
+    with open(path, "rb") as f:
+        batch = SafeUnpickler(f, encoding="latin1").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR batch (a pickled dict), got {type(batch).__name__}")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = batch.get("data"), batch.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
+    if not isinstance(labels, list) or len(labels) != len(data):
+        raise ValueError(f"{path}: {label_key!r} must be a list of {len(data)} labels")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), [int(v) for v in labels]
+
+
+class CifarArrays(Dataset[Any]):
+    """CIFAR images held as a (N, 32, 32, 3) uint8 array, transformed on access like torchvision's."""
+
+    def __init__(self, images: np.ndarray, targets: list[int], transform: Any) -> None:
+        self.data, self.targets, self.transform = images, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
 def _cifar(name: str, root: str | None, noise: float, seed: int, augment: bool) -> Data:
-    import torchvision
     from torchvision import transforms
 
     if root is None:
@@ -105,17 +156,22 @@ def _cifar(name: str, root: str | None, noise: float, seed: int, augment: bool) 
     normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     train_tf = transforms.Compose(([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
                                    if augment else []) + normalize)
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        train = cls(root, train=True, transform=train_tf, download=False)
-        test = cls(root, train=False, transform=transforms.Compose(normalize), download=False)
-    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
-        raise FileNotFoundError(f"{name} under {root!r} is incomplete or corrupted: expected {_CIFAR_LAYOUT[name]}") from e
+    layout = _CIFAR_LAYOUT[name]
+    if name == "cifar10":
+        parts = [_read_batch(folder / f"data_batch_{i}", "labels", layout) for i in range(1, 6)]
+        test_x, test_y = _read_batch(folder / "test_batch", "labels", layout)
+    else:
+        parts = [_read_batch(folder / "train", "fine_labels", layout)]
+        test_x, test_y = _read_batch(folder / "test", "fine_labels", layout)
+    train_x = np.concatenate([x for x, _ in parts])
+    train_y = [v for _, ys in parts for v in ys]
     classes = 10 if name == "cifar10" else 100
     mask = None
     if noise:
-        noisy, mask = label_noise(np.asarray(train.targets), noise, classes, seed)
-        train.targets = noisy.tolist()
+        noisy, mask = label_noise(np.asarray(train_y), noise, classes, seed)
+        train_y = noisy.tolist()
+    train = CifarArrays(train_x, train_y, train_tf)
+    test = CifarArrays(test_x, test_y, transforms.Compose(normalize))
     return Data(train, test, classes, (3, 32, 32), mask)
 
 
