@@ -46,12 +46,8 @@ def measure_peak(fn: Callable[[], Any]) -> tuple[Any, float, int]:
     return result, seconds, max(0, peak_rss_bytes() - base)
 
 
-def raw_write_speed(directory: Path, nbytes: int, *, block: int = 4 * 2**20, fsync: bool = True,
-                    sync_after: bool = False) -> Any:
-    """Bytes per second of a sequential write of ``nbytes`` in ``block`` pieces (+ fsync).
-
-    With ``sync_after``, returns (speed to the page cache, speed including a following os.sync()).
-    """
+def raw_write_speed(directory: Path, nbytes: int, *, block: int = 4 * 2**20, fsync: bool = True) -> float:
+    """Bytes per second of a sequential write of ``nbytes`` in ``block`` pieces (+ fsync)."""
     path = directory / f".rawwrite-{os.getpid()}"
     buf = np.random.default_rng(0).integers(0, 255, size=block, dtype=np.uint8).tobytes()
     start = time.perf_counter()
@@ -63,11 +59,6 @@ def raw_write_speed(directory: Path, nbytes: int, *, block: int = 4 * 2**20, fsy
         if fsync:
             os.fsync(f.fileno())
     seconds = time.perf_counter() - start
-    if sync_after:
-        os.sync()
-        total = time.perf_counter() - start
-        path.unlink()
-        return nbytes / seconds, nbytes / total
     path.unlink()
     return nbytes / seconds
 

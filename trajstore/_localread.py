@@ -57,18 +57,23 @@ class LocalChunkReader:
             # list() re-raises the first ChunkFault in job order: the lowest snapshot is named.
             list(pool.map(lambda job: self._read_one(*job, r0, c0, c1, out), jobs))
 
+    def open_chunk(self, row: int, j: int) -> int:
+        """A descriptor of chunk file (row, j), checked to have the size the format gives it."""
+        try:
+            fd = os.open(self._folder / str(row) / str(j), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ChunkFault(row, j, "chunk file is missing") from None
+        size = os.fstat(fd).st_size
+        if size != self._file_bytes:
+            os.close(fd)
+            raise ChunkFault(row, j, f"chunk file has {size} bytes, expected {self._file_bytes} (truncated?)")
+        return fd
+
     def _read_one(self, row: int, j: int, r0: int, c0: int, c1: int, out: np.ndarray) -> None:
         lo, hi = j * self._chunk, (j + 1) * self._chunk
         a, b = max(lo, c0), min(hi, c1, self._n)
-        path = self._folder / str(row) / str(j)
+        fd = self.open_chunk(row, j)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ChunkFault(row, j, "chunk file is missing") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size != self._file_bytes:
-                raise ChunkFault(row, j, f"chunk file has {size} bytes, expected {self._file_bytes} (truncated?)")
             target = out[row - r0, a - c0:b - c0]
             if a == lo and b == hi:
                 data = memoryview(target).cast("B")  # whole chunk: read straight into the output
@@ -112,15 +117,7 @@ class ColumnStream:
         self._pos = 0
         try:
             for row in range(r0, r1):
-                path = reader._folder / str(row) / str(j)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    raise ChunkFault(row, j, "chunk file is missing") from None
-                self._fds.append(fd)
-                size = os.fstat(fd).st_size
-                if size != reader._file_bytes:
-                    raise ChunkFault(row, j, f"chunk file has {size} bytes, expected {reader._file_bytes} (truncated?)")
+                self._fds.append(reader.open_chunk(row, j))
         except BaseException:
             self.close()
             raise

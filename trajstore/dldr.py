@@ -195,6 +195,13 @@ def _write_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store, gra
         del group[old["array"]]
 
 
+def _writable(store: TrajectoryStore) -> zarr.abc.store.Store:
+    """The store's backend opened for writing: the Gram cache and bases are written even when the
+    trajectory itself was opened read-only (they are derived data, not snapshots)."""
+    zstore = store.zarr_store
+    return zstore.with_read_only(False) if zstore.read_only else zstore
+
+
 def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any = None,
                 block_bytes: int = DEFAULT_BLOCK_BYTES, num_workers: int | None = None,
                 cache: bool = True, progress: bool = False) -> np.ndarray:
@@ -205,7 +212,7 @@ def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any 
     the result (when the store's backend is writable).
     """
     stop = len(store) if stop is None else stop
-    zstore = store.zarr_store if not store.zarr_store.read_only else store.zarr_store.with_read_only(False)
+    zstore = _writable(store)
     cached = _read_cached_gram(store, zstore) if cache else None
     if cached is not None and cached.shape[0] >= stop:
         return cached[:stop, :stop].copy()
@@ -332,7 +339,7 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     if t1 - t0 < 2:
         raise SnapshotIndexError(f"window [{start}, {stop}) of trajectory {store.name!r} with {len(store)} "
                                  "snapshots holds fewer than 2 snapshots")
-    zstore = store.zarr_store if not store.zarr_store.read_only else store.zarr_store.with_read_only(False)
+    zstore = _writable(store)
     name = name or f"{store.name}-{t0}-{t1}-d{d}"
     source = {"trajectory": store.name, "start": t0, "stop": t1, "layout": store.layout.fingerprint,
               "digest": _records_digest(store, t1)}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import TrajstoreError
+from .projection import bind_basis
 
 __all__ = ["ClosureError", "PBFGS", "armijo_accepts", "bfgs_update"]
 
@@ -130,14 +131,7 @@ class PBFGS(torch.optim.Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("PBFGS takes one parameter group (the whole model, in layout order)")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
-        n = sum(p.numel() for p in self._params)
-        from .projection import DeviceBasis
-
-        self._basis = basis if isinstance(basis, DeviceBasis) else basis.on(self._params[0].device,
-                                                                             dtype=self._params[0].dtype)
-        if self._basis.n != n:
-            raise ValueError(f"the parameters hold {n} values, the basis has n = {self._basis.n}: "
-                             "pass model.parameters() of the model the trajectory was recorded from")
+        self._basis = bind_basis(self._params, basis)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -158,8 +152,8 @@ class PBFGS(torch.optim.Optimizer):
     def _objective(self, loss: torch.Tensor) -> float:
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         wd = self.defaults["weight_decay"]
-        if wd:
-            value += 0.5 * wd * sum(float(p.detach().pow(2).sum()) for p in self._params)
+        if wd:  # |w|^2 without a temporary per parameter (this runs on every line-search trial)
+            value += 0.5 * wd * sum(float(torch.dot(p.detach().reshape(-1), p.detach().reshape(-1))) for p in self._params)
         return value
 
     def _call(self, closure: Callable[[], Any], *, grad: bool) -> float:

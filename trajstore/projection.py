@@ -28,7 +28,7 @@ from . import _backend
 if TYPE_CHECKING:
     from .basis import Basis
 
-__all__ = ["DeviceBasis", "MODES"]
+__all__ = ["DeviceBasis", "MODES", "bind_basis"]
 
 MODES = ("auto", "resident", "mmap", "stream")
 RESIDENT_STEP_ROWS = 1 << 22
@@ -213,3 +213,15 @@ class DeviceBasis:
                 flat_view[lo:hi].add_(step[pos:pos + hi - lo].to(flat_view.dtype), alpha=alpha)
                 pos += hi - lo
         return None
+
+
+def bind_basis(params: Sequence[torch.Tensor], basis: Basis | DeviceBasis) -> DeviceBasis:
+    """The basis an optimizer of ``params`` works with: a :class:`DeviceBasis` as given, or a
+    :class:`Basis` placed on the parameters' device and dtype (``mode="auto"``); its n must be the
+    parameters' total size."""
+    placed = basis if isinstance(basis, DeviceBasis) else basis.on(params[0].device, dtype=params[0].dtype)
+    n = sum(p.numel() for p in params)
+    if placed.n != n:
+        raise ValueError(f"the parameters hold {n} values, the basis has n = {placed.n}: "
+                         "pass model.parameters() of the model the trajectory was recorded from")
+    return placed

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .projection import bind_basis
+
 __all__ = ["PSGD"]
 
 
@@ -36,13 +38,7 @@ class PSGD(torch.optim.Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("PSGD takes one parameter group (the whole model, in layout order)")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
-        from .projection import DeviceBasis
-
-        self._basis = basis if isinstance(basis, DeviceBasis) else basis.on(self._params[0].device,
-                                                                             dtype=self._params[0].dtype)
-        n = sum(p.numel() for p in self._params)
-        if self._basis.n != n:
-            raise ValueError(f"the parameters hold {n} values, the basis has n = {self._basis.n}")
+        self._basis = bind_basis(self._params, basis)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

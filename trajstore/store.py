@@ -289,7 +289,8 @@ class TrajectoryStore:
 
     def refresh(self) -> None:
         """Re-read the commit record, to see snapshots appended by another process since opening."""
-        group = _backend.open_group(self._zstore, self._prefix, "r")
+        group = _backend.open_group(self._zstore, self._prefix, "r" if self._mode == "r" else "r+")
+        self._group = group  # a writer commits through it: no re-read of the group per append
         where = f"{self._where} trajectory {self._name!r}"
         self._static = _Static.from_json(group.attrs.get("trajstore"), where)
         self._count, self._records = parse_commit(group.attrs.get("trajstore_commit"), where)
@@ -503,8 +504,7 @@ class TrajectoryStore:
         _backend.fsync_local(self._zstore, keys)
 
     def _commit(self, records: list[SnapshotRecord]) -> None:
-        group = _backend.open_group(self._zstore, self._prefix, "r+")
-        group.update_attributes({"trajstore_commit": {"count": len(records), "records": records}})
+        self._group.update_attributes({"trajstore_commit": {"count": len(records), "records": records}})
         if self._durable:
             _backend.fsync_local(self._zstore, [f"{self._prefix}/zarr.json"])
         self._records = records
