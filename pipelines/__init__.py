@@ -1,19 +1,45 @@
-"""Whole experiments, one readable file each; ``trajstore run NAME`` dispatches here."""
+"""Whole experiments, one readable file each; ``trajstore run NAME`` dispatches here.
+
+``mnist1d`` (the embedded default), ``digits``, ``cifar10-MODEL`` / ``cifar100-MODEL`` (the
+paper's CIFAR set-ups, data from a local folder) and ``demo`` (a store tour in seconds).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-__all__ = ["EXPERIMENTS", "run_experiment"]
+__all__ = ["EXPERIMENTS", "experiment_config", "run_experiment"]
 
-EXPERIMENTS = ("demo",)
+EXPERIMENTS = ("mnist1d", "digits", "cifar10-resnet20", "cifar10-resnet32", "cifar100-wrn-40-10",
+               "cifar100-inception-v4", "cifar10-MODEL", "cifar100-MODEL", "demo")
 
 
-def run_experiment(name: str, *, out: str | None = None, seed: int = 0) -> dict[str, Any]:
+def experiment_config(name: str) -> Any:
+    """The default config of a named experiment."""
+    if name == "mnist1d":
+        from . import mnist1d
+
+        return mnist1d.Config()
+    if name == "digits":
+        from . import digits
+
+        return digits.Config()
+    if name.startswith(("cifar10-", "cifar100-")):
+        from . import cifar
+
+        return cifar.config_for(name)
+    raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+
+
+def run_experiment(name: str, *, out: str | None = None, seed: int = 0, seeds: int = 1,
+                   overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run an experiment end to end (resuming what ``out`` already holds)."""
     if name == "demo":
         from . import demo
 
-        config = demo.DemoConfig(out=str(Path(out or "runs/demo")), seed=seed)
-        return demo.main(config)
-    raise SystemExit(f"trajstore run: unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+        return demo.main(demo.DemoConfig(out=out or "runs/demo", seed=seed))
+    from .experiment import run
+
+    cfg = experiment_config(name).with_overrides(**(overrides or {}), seed=seed, seeds=seeds,
+                                                 **({"out": out} if out else {}))
+    return run(cfg)

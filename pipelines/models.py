@@ -1,15 +1,21 @@
-"""Models of the paper's experiments, built by name.
+"""Models of the paper's experiments, built by name (:func:`build_model`).
 
-``wrn-DEPTH-WIDTH`` is the WideResNet of Zagoruyko & Komodakis (2016) for 32 x 32 inputs:
-pre-activation basic blocks, (DEPTH - 4) / 6 blocks per stage, widths 16, 16k, 32k, 64k.
-WRN-40-10 on CIFAR-100 has 55.9M parameters, the paper's Table 3.
+- ``mlp`` / ``mlp-WIDTH``: a two-hidden-layer MLP with BatchNorm for flat inputs (digits);
+- ``cnn1d``: a small 1-D CNN for sequences such as MNIST-1D;
+- ``resnetDEPTH``: the CIFAR ResNet of He et al. (2016), ResNet-20 has 0.27M parameters;
+- ``wrn-DEPTH-WIDTH``: the WideResNet of Zagoruyko & Komodakis (2016) for 32 x 32 inputs:
+  pre-activation basic blocks, (DEPTH - 4) / 6 blocks per stage, widths 16, 16k, 32k, 64k.
+  WRN-40-10 on CIFAR-100 has 55.9M parameters, the paper's Table 3;
+- ``inception-v4``: Inception-v4 of Szegedy et al. (2017), 41.3M parameters on CIFAR-100
+  (Table 3), with "same" padding in the stem so that 32 x 32 inputs keep a spatial extent;
+- ``torchvision:NAME``: any ``torchvision.models`` constructor (no pretrained weights).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["CifarResNet", "WideResNet", "build_model"]
+__all__ = ["CNN1d", "CifarResNet", "InceptionV4", "MLP", "WideResNet", "build_model"]
 
 
 class _WideBlock(nn.Module):
@@ -97,15 +103,156 @@ class CifarResNet(nn.Module):
         return self.fc(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A model by name: ``resnet20``/``resnet32``/..., ``wrn-D-K`` or ``torchvision:NAME``."""
+class MLP(nn.Sequential):
+    """Flat input -> [Linear, BatchNorm, ReLU] x 2 -> Linear."""
+
+    def __init__(self, in_features: int, num_classes: int, width: int = 128) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(),
+                         nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+class CNN1d(nn.Module):
+    """A 1-D CNN for sequences of length L (MNIST-1D: L = 40): three 3-wide convolutions of
+    ``channels`` channels (the last two with stride 2), BatchNorm, ReLU, then a linear classifier."""
+
+    def __init__(self, length: int, num_classes: int, channels: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for stride in (1, 2, 2):
+            layers += [nn.Conv1d(cin, channels, 3, stride, 1), nn.BatchNorm1d(channels), nn.ReLU()]
+            cin = channels
+        self.features = nn.Sequential(*layers)
+        out_len = -(-(-(-length // 2)) // 2)
+        self.fc = nn.Linear(channels * out_len, num_classes)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.fc(self.features(x.reshape(len(x), 1, -1)).flatten(1))
+
+
+class _Conv(nn.Sequential):
+    """Convolution (no bias) + BatchNorm + ReLU, the unit every Inception-v4 block is made of."""
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
+                 padding: int | tuple[int, int] | str = 0) -> None:
+        super().__init__(nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _chain(cin: int, *specs: tuple[int, int | tuple[int, int], int]) -> nn.Sequential:
+    """Convolutions in sequence: each spec is (channels out, kernel, stride); stride-1 ones keep
+    the spatial size, stride-2 ones halve it."""
+    layers: list[nn.Module] = []
+    for cout, kernel, stride in specs:
+        layers.append(_Conv(cin, cout, kernel, stride, "same" if stride == 1 else 1))
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+class _Branches(nn.Module):
+    """Parallel branches whose outputs are concatenated along channels."""
+
+    def __init__(self, *branches: nn.Module) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        import torch
+
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+def _pool_branch(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), _Conv(cin, cout, 1))
+
+
+def _inception_a(cin: int) -> _Branches:   # 384 -> 384 channels
+    return _Branches(_pool_branch(cin, 96), _chain(cin, (96, 1, 1)), _chain(cin, (64, 1, 1), (96, 3, 1)),
+                     _chain(cin, (64, 1, 1), (96, 3, 1), (96, 3, 1)))
+
+
+def _reduction_a(cin: int) -> _Branches:   # 384 -> 1024 (k, l, m, n = 192, 224, 256, 384)
+    return _Branches(nn.MaxPool2d(3, 2, 1), _chain(cin, (384, 3, 2)), _chain(cin, (192, 1, 1), (224, 3, 1), (256, 3, 2)))
+
+
+def _inception_b(cin: int) -> _Branches:   # 1024 -> 1024
+    return _Branches(_pool_branch(cin, 128), _chain(cin, (384, 1, 1)),
+                     _chain(cin, (192, 1, 1), (224, (1, 7), 1), (256, (7, 1), 1)),
+                     _chain(cin, (192, 1, 1), (192, (1, 7), 1), (224, (7, 1), 1), (224, (1, 7), 1), (256, (7, 1), 1)))
+
+
+def _reduction_b(cin: int) -> _Branches:   # 1024 -> 1536
+    return _Branches(nn.MaxPool2d(3, 2, 1), _chain(cin, (192, 1, 1), (192, 3, 2)),
+                     _chain(cin, (256, 1, 1), (256, (1, 7), 1), (320, (7, 1), 1), (320, 3, 2)))
+
+
+class _InceptionC(nn.Module):   # 1536 -> 1536: two branches that split into 1x3 and 3x1 halves
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.pool = _pool_branch(cin, 256)
+        self.one = _Conv(cin, 256, 1)
+        self.mid = _Conv(cin, 384, 1)
+        self.mid_h, self.mid_v = _Conv(384, 256, (1, 3), padding="same"), _Conv(384, 256, (3, 1), padding="same")
+        self.deep = _chain(cin, (384, 1, 1), (448, (1, 3), 1), (512, (3, 1), 1))
+        self.deep_h, self.deep_v = _Conv(512, 256, (1, 3), padding="same"), _Conv(512, 256, (3, 1), padding="same")
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        import torch
+
+        mid, deep = self.mid(x), self.deep(x)
+        return torch.cat([self.pool(x), self.one(x), self.mid_h(mid), self.mid_v(mid), self.deep_h(deep),
+                          self.deep_v(deep)], 1)
+
+
+class InceptionV4(nn.Module):
+    """Inception-v4 (Szegedy et al. 2017, Figures 3-9): stem, 4 x Inception-A, Reduction-A,
+    7 x Inception-B, Reduction-B, 3 x Inception-C, average pooling, dropout 0.2, linear.
+
+    The channel counts are the paper's; for 32 x 32 inputs the stem halves the size once rather
+    than three times (its other convolutions use "same" padding) and the reductions pad by one,
+    so a CIFAR image meets Inception-A at 16 x 16, Inception-B at 8 x 8 and Inception-C at 4 x 4.
+    """
+
+    def __init__(self, num_classes: int = 100, in_channels: int = 3, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            _chain(in_channels, (32, 3, 1), (32, 3, 1), (64, 3, 1)),
+            _Branches(nn.MaxPool2d(3, 2, 1), _chain(64, (96, 3, 2))),                              # 160, halves
+            _Branches(_chain(160, (64, 1, 1), (96, 3, 1)),
+                      _chain(160, (64, 1, 1), (64, (7, 1), 1), (64, (1, 7), 1), (96, 3, 1))),       # 192
+            _Branches(_chain(192, (192, 3, 1)), nn.MaxPool2d(3, 1, 1)),                           # 384
+        )
+        self.blocks = nn.Sequential(*[_inception_a(384) for _ in range(4)], _reduction_a(384),
+                                    *[_inception_b(1024) for _ in range(7)], _reduction_b(1024),
+                                    *[_InceptionC(1536) for _ in range(3)])
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(1536, num_classes)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        out = nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+        return self.fc(self.drop(out))
+
+
+def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)) -> nn.Module:
+    """A model by name (see the module docstring); ``input_shape`` sizes the small models."""
+    import math
+
+    if name == "mlp" or (name.startswith("mlp-") and name[4:].isdigit()):
+        return MLP(math.prod(input_shape), num_classes, int(name[4:]) if name != "mlp" else 128)
+    if name == "cnn1d" or (name.startswith("cnn1d-") and name[6:].isdigit()):
+        return CNN1d(input_shape[-1], num_classes, int(name[6:]) if name != "cnn1d" else 32)
     if name.startswith("resnet") and name[6:].isdigit():
         return CifarResNet(int(name[6:]), num_classes)
     if name.startswith("wrn-"):
-        _, depth, width = name.split("-")
-        return WideResNet(int(depth), int(width), num_classes)
+        parts = name.split("-")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            raise ValueError(f"WideResNet names are 'wrn-DEPTH-WIDTH', got {name!r}")
+        return WideResNet(int(parts[1]), int(parts[2]), num_classes)
+    if name == "inception-v4":
+        return InceptionV4(num_classes, input_shape[0])
     if name.startswith("torchvision:"):
         import torchvision
 
         return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}; expected 'resnetDEPTH', 'wrn-DEPTH-WIDTH' or 'torchvision:NAME'")
+    raise ValueError(f"unknown model {name!r}; expected 'mlp[-WIDTH]', 'cnn1d[-CHANNELS]', 'resnetDEPTH', "
+                     "'wrn-DEPTH-WIDTH', 'inception-v4' or 'torchvision:NAME'")

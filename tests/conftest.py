@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -98,3 +99,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         drop_memory(url)
     else:
         yield (tmp_path / "store.zarr").as_uri()
+
+
+def write_cifar10(root: Path, n_train: int = 20, n_test: int = 10) -> np.ndarray:
+    """CIFAR-10's python format (pickled dicts of uint8 rows), as the real files are. Returns the
+    test images as (N, 32, 32, 3)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        batch = {"data": rng.integers(0, 256, (n_train // 5, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, n_train // 5).tolist()}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2 if i % 2 else 5))
+    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n_test).tolist()}
+    (folder / "test_batch").write_bytes(pickle.dumps(test))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{k}" for k in range(10)]}))
+    return test["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_cifar10
 from pipelines.data import CIFAR_STATS, label_noise, load
 
 
@@ -44,24 +45,8 @@ def test_mnist1d_is_generated_locally_and_deterministic() -> None:
     assert torch.equal(a.train.tensors[0], b.train.tensors[0])  # same data every time
 
 
-def _write_cifar10(root: Path, n_train: int = 20, n_test: int = 10) -> np.ndarray:
-    """CIFAR-10's python format (pickled dicts of uint8 rows), as the real files are. Returns the
-    test images as (N, 32, 32, 3)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        batch = {"data": rng.integers(0, 256, (n_train // 5, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, n_train // 5).tolist()}
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2 if i % 2 else 5))
-    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n_test).tolist()}
-    (folder / "test_batch").write_bytes(pickle.dumps(test))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{k}" for k in range(10)]}))
-    return test["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
 def test_cifar10_from_a_local_folder(tmp_path: Path) -> None:
-    test_images = _write_cifar10(tmp_path)
+    test_images = write_cifar10(tmp_path)
     data = load("cifar10", root=str(tmp_path), augment=False, label_noise_fraction=0.5, seed=1)
     assert (len(data.train), len(data.test), data.num_classes) == (20, 10, 10)
     x, _ = data.test[0]
@@ -78,7 +63,7 @@ class _Exploit:
 
 
 def test_a_cifar_file_that_would_run_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps({"data": _Exploit(), "labels": []}))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.eval"):

@@ -25,7 +25,11 @@ def __getattr__(name: str) -> object:
         from .psgd import PSGD
 
         return PSGD
+    if name == "Recorder":
+        from .recorder import Recorder
+
+        return Recorder
     raise AttributeError(f"module 'trajstore' has no attribute {name!r}")
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "ClosureError", "Layout", "PBFGS", "PSGD", "TrajectoryStore", "dldr", "gram_matrix", "open_basis", "__version__", *_errors_all]
+__all__ = ["Basis", "ClosureError", "Layout", "PBFGS", "PSGD", "Recorder", "TrajectoryStore", "dldr", "gram_matrix", "open_basis", "__version__", *_errors_all]

@@ -42,7 +42,7 @@ def _number(name: str, value: object, *, integer: bool = False) -> int | float |
 
 
 def make_record(*, step: object, epoch: object, lr: object, metrics: Mapping[str, object] | None,
-                rng_state: bool, time: float) -> SnapshotRecord:
+                rng_state: bool | torch.Tensor, time: float) -> SnapshotRecord:
     """A validated record; raises TypeError/ValueError before anything is written."""
     if metrics is not None and not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
@@ -57,10 +57,11 @@ def make_record(*, step: object, epoch: object, lr: object, metrics: Mapping[str
         clean[key] = number
     record: SnapshotRecord = {"step": _number("step", step, integer=True), "epoch": _number("epoch", epoch),
                               "lr": _number("lr", lr), "metrics": clean, "time": time}
-    if rng_state:
+    if rng_state is not False and rng_state is not None:
         import torch
 
-        record["rng"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
+        state = torch.get_rng_state() if rng_state is True else rng_state  # a state captured earlier
+        record["rng"] = base64.b64encode(state.numpy().tobytes()).decode("ascii")
     return record
 
 

@@ -60,10 +60,76 @@ def _cmd_basis(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"trajstore: --set takes KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines import run_experiment
 
-    run_experiment(args.experiment, out=args.out, seed=args.seed)
+    run_experiment(args.experiment, out=args.out, seed=args.seed, seeds=args.seeds, overrides=_overrides(args.set))
+    return 0
+
+
+_SAMPLE_FLAGS = ("data", "data_root", "model", "optimizer", "lr", "epochs", "sample_epochs", "snapshot_every",
+                 "batch_size", "storage_dtype", "device", "label_noise")
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipelines import experiment_config
+    from pipelines.experiment import sample
+
+    flags = {k: str(v) for k, v in vars(args).items() if k in _SAMPLE_FLAGS and v is not None}
+    if args.optimizer == "adam" and args.lr is None:
+        flags["lr"] = "0.001"  # the paper's Adam learning rate
+    cfg = experiment_config(args.experiment).with_overrides(**flags, **_overrides(args.set), seed=args.seed, out=args.out)
+    result = sample(cfg, Path(args.out), args.seed)
+    last = result["history"][-1]
+    over = result["sampling"]
+    print(f"{result['snapshots']} snapshots in {Path(args.out) / 'trajectory.zarr'}; {cfg.optimizer.upper()} "
+          f"{cfg.epochs} epochs: test accuracy {last['test_acc']:.2f}%; sampling cost the training loop "
+          f"{over['overhead_seconds']:.2f} s ({over['overhead_fraction']:.2%} of {result['train_seconds']:.1f} s), "
+          f"the writer {over['write_seconds']:.2f} s in the background")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from pipelines.experiment import load_config, train_subspace
+
+    from .basis import open_basis
+    from .dldr import dldr
+    from .store import TrajectoryStore
+
+    with TrajectoryStore.open(args.store, trajectory=args.trajectory) as store:
+        attrs, trajectory = store.attrs, store.name
+    recorded = attrs.get("experiment")
+    flags = {k: str(v) for k, v in vars(args).items() if k in ("data", "data_root", "model", "device") and v is not None}
+    if not isinstance(recorded, dict) and not {"data", "model"} <= set(flags):
+        raise SystemExit(f"trajstore train: {args.store} was not recorded by 'trajstore sample'; "
+                         "say which --data and --model it holds")
+    cfg = load_config(recorded if isinstance(recorded, dict) else {}).with_overrides(**flags)
+    if args.basis:
+        basis = open_basis(args.store, args.basis)
+    else:
+        basis = dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory, progress=True)
+    folder = Path(args.out) if args.out else Path(os.fspath(args.store)).resolve().parent
+    tag = f"train-{args.optimizer}-{basis.name}-e{args.epochs}-b{args.batch_size}"
+    result = train_subspace(cfg, folder, int(attrs.get("seed", 0)), args.optimizer, basis, epochs=args.epochs,
+                            batch_size=args.batch_size, tag=tag)
+    last = result["history"][-1] if result["history"] else {"test_acc": float("nan")}
+    print(f"{args.optimizer} in {basis.name} ({basis.d}-D, window [{basis.start}, {basis.stop})): "
+          f"{args.epochs} epochs, test accuracy {last['test_acc']:.2f}%; wrote {folder / (tag + '.json')}")
     return 0
 
 
@@ -94,10 +160,50 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", default=None, help="address of a running dask.distributed scheduler")
     basis.set_defaults(func=_cmd_basis)
 
-    run = sub.add_parser("run", help="run a whole experiment end to end")
-    run.add_argument("experiment", help="experiment name (e.g. 'demo')")
+    sample = sub.add_parser("sample", help="train with SGD or Adam, recording the trajectory into a store")
+    sample.add_argument("out", help="folder for the store (OUT/trajectory.zarr) and the run's record")
+    sample.add_argument("--experiment", default="mnist1d", help="start from this experiment's defaults (default mnist1d)")
+    sample.add_argument("--data", default=None, help="mnist1d | digits | cifar10 | cifar100 | imagefolder:PATH")
+    sample.add_argument("--data-root", default=None, help="folder holding the CIFAR data (nothing is downloaded)")
+    sample.add_argument("--model", default=None, help="mlp | cnn1d | resnet20 | wrn-40-10 | inception-v4 | torchvision:NAME")
+    sample.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                        help="SGD (lr 0.1, momentum 0.9, wd 5e-4) or Adam (lr 1e-3)")
+    sample.add_argument("--lr", type=float, default=None)
+    sample.add_argument("--epochs", type=int, default=None, help="epochs of the whole run")
+    sample.add_argument("--sample-epochs", type=int, default=None, help="snapshots are taken in the first N epochs")
+    sample.add_argument("--snapshot-every", type=int, default=None, help="steps between snapshots (0: once per epoch)")
+    sample.add_argument("--batch-size", type=int, default=None)
+    sample.add_argument("--storage-dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    sample.add_argument("--label-noise", type=float, default=None, help="fraction of training labels changed")
+    sample.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
+    sample.set_defaults(func=_cmd_sample)
+
+    train = sub.add_parser("train", help="train from the trajectory's initialization in its DLDR subspace")
+    train.add_argument("store", help="a store recorded by 'trajstore sample' (or give --data and --model)")
+    train.add_argument("--optimizer", choices=("pbfgs", "pbfgs+", "psgd"), default="pbfgs+")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=1024)
+    train.add_argument("--basis", default=None, help="an existing basis of the store (see 'trajstore info')")
+    train.add_argument("--dim", type=int, default=40, help="else compute one: d (default 40) ...")
+    train.add_argument("--start", type=int, default=0, help="... from snapshot START (default 0) ...")
+    train.add_argument("--stop", type=int, default=None, help="... to STOP, exclusive (default: all)")
+    train.add_argument("--trajectory", default=None)
+    train.add_argument("--data", default=None)
+    train.add_argument("--data-root", default=None)
+    train.add_argument("--model", default=None)
+    train.add_argument("--device", default=None)
+    train.add_argument("--out", default=None, help="folder for the result (default: the store's folder)")
+    train.set_defaults(func=_cmd_train)
+
+    run = sub.add_parser("run", help="run a whole experiment end to end (resumes a killed run)")
+    run.add_argument("experiment", help="mnist1d | digits | cifar10-resnet20 | cifar100-wrn-40-10 | ... | demo")
     run.add_argument("--out", default=None, help="run folder (default runs/EXPERIMENT)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="first seed")
+    run.add_argument("--seeds", type=int, default=1, help="number of seeds (mean +- std over them)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a config field, e.g. --set data_root=~/data --set epochs=50")
     run.set_defaults(func=_cmd_run)
     return parser
 
@@ -106,6 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except TrajstoreError as e:
+    except (TrajstoreError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"trajstore: error: {e}", file=sys.stderr)
         return 2

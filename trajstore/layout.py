@@ -150,6 +150,15 @@ class Layout:
         _compare("buffer", [(s.name, s.shape, s.dtype) for s in self.buffers], buffers)
         return [p for _, p in params], [b for _, b in buffers]
 
+    def check_tensors(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = ()) -> None:
+        """Check tensors given in layout order (no names: they are the layout's) for count,
+        shape and, for buffers, dtype; raises LayoutMismatchError naming the first difference."""
+        def named(specs: Sequence[Any], tensors: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+            return [(specs[i].name if i < len(specs) else f"#{i}", t) for i, t in enumerate(tensors)]
+
+        _compare("parameter", [(s.name, s.shape, s.dtype) for s in self.params], named(self.params, params))
+        _compare("buffer", [(s.name, s.shape, s.dtype) for s in self.buffers], named(self.buffers, buffers))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "n": self.n,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -428,12 +428,23 @@ class TrajectoryStore:
         Extra host memory: one staging buffer of ``min(n, 64 MiB / itemsize)`` values plus Zarr's
         encoding buffers for the chunks in flight (at most ``zarr.config["async.concurrency"]``).
         """
+        params, buffers = self._static.layout.check_model(model)
+        return self.append_tensors(params, buffers, step=step, epoch=epoch, lr=lr, metrics=metrics,
+                                   rng_state=rng_state)
+
+    def append_tensors(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = (), *,
+                       step: int | None = None, epoch: int | float | None = None, lr: float | None = None,
+                       metrics: Mapping[str, float] | None = None, rng_state: bool | torch.Tensor = False) -> int:
+        """:meth:`append` for tensors given in layout order rather than a model: the parameters
+        (``layout.params`` order) and persistent buffers (``layout.buffers`` order), on any device.
+        Used by :class:`trajstore.Recorder` to write a host copy in the background."""
         if self._mode != "a":
             raise ReadOnlyError(f"{self._where} trajectory {self._name!r} is open read-only; open it with mode='a' to append")
         assert self._lease is not None
         started = time.time()
         record = make_record(step=step, epoch=epoch, lr=lr, metrics=metrics, rng_state=rng_state, time=started)
-        params, buffers = self._static.layout.check_model(model)
+        self._static.layout.check_tensors(params, buffers)
+        params, buffers = list(params), list(buffers)
         index = self._count
         self._lease.check(self._name)
         # Each array grows on its own: a writer killed between the two resizes leaves them uneven.
