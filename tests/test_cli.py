@@ -1,0 +1,58 @@
+"""The command line over the pipelines: sample, train and run, on digits, shrunk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trajstore import TrajectoryStore, open_basis
+from trajstore.cli import main
+
+
+def test_sample_then_train_from_the_recorded_initialization(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "digits"
+    assert main(["sample", str(out), "--experiment", "digits", "--epochs", "3", "--sample-epochs", "2",
+                 "--snapshot-every", "4", "--set", "threads=1"]) == 0
+    printed = capsys.readouterr().out
+    store = TrajectoryStore.open(out / "trajectory.zarr")
+    assert len(store) == 1 + 2 * 12 // 4  # 1,437 training digits in batches of 128: 12 steps per epoch
+    assert f"{len(store)} snapshots" in printed and "sampling cost the training loop" in printed
+    sgd = json.loads((out / "sgd.json").read_text())
+    assert len(sgd["history"]) == 3 and sgd["sampling"]["overhead_fraction"] >= 0
+
+    assert main(["train", str(out / "trajectory.zarr"), "--optimizer", "pbfgs", "--dim", "5", "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    basis = open_basis(out / "trajectory.zarr", "default-0-7-d5")
+    result = json.loads((out / "train-pbfgs-default-0-7-d5-e2-b1024.json").read_text())
+    assert result["basis"] == basis.name and len(result["history"]) == 2
+    assert f"test accuracy {result['history'][-1]['test_acc']:.2f}%" in printed
+    assert result["line_search"]["steps"] == 2 * 2  # 1,437 digits in batches of 1,024: 2 steps per epoch
+
+
+def test_errors_are_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "digits"
+    assert main(["sample", str(out), "--experiment", "digits", "--epochs", "1"]) == 2
+    assert "sample_epochs must be in 1..epochs=1, got 10" in capsys.readouterr().err
+    main(["sample", str(out), "--experiment", "digits", "--epochs", "1", "--sample-epochs", "1", "--snapshot-every", "6",
+          "--set", "threads=1"])
+    assert main(["train", str(out / "trajectory.zarr"), "--dim", "9"]) == 2
+    assert "d = 9 exceeds the rank 2" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "c"), "--experiment", "cifar10-resnet20"]) == 2
+    assert "needs --data-root" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["run", "digits", "--set", "epochs"])
+
+
+def test_run_with_overrides_writes_the_summary(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "digits", "--out", str(out), "--seeds", "2", "--set", "epochs=2", "--set", "sample_epochs=1",
+                 "--set", "snapshot_every=2", "--set", "dim=3", "--set", "subspace_epochs=1",
+                 "--set", "methods=pbfgs+", "--set", "threads=1"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["summary"]) == {"sgd", "pbfgs+"}
+    assert result["config"]["epochs"] == 2 and [s["seed"] for s in result["seeds"]] == [0, 1]
+    accs = result["summary"]["sgd"]["test_acc"]
+    assert result["summary"]["sgd"]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
+    assert (out / "seed-1" / "trajectory.zarr").is_dir()
