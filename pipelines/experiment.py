@@ -356,7 +356,9 @@ def compute_basis(cfg: ExperimentConfig, folder: Path, sampled: dict[str, Any]) 
 def _subspace_optimizer(cfg: ExperimentConfig, method: str, model: nn.Module, basis: Any) -> torch.optim.Optimizer:
     if method == "psgd":
         return trajstore.PSGD(model.parameters(), basis, lr=cfg.psgd_lr, momentum=0.9)
-    return trajstore.PBFGS(model.parameters(), basis, plus=method == "pbfgs+", residual_lr=cfg.residual_lr)
+    # Rejected line-search trials must not leave their passes in the BatchNorm statistics.
+    return trajstore.PBFGS(model.parameters(), basis, plus=method == "pbfgs+", residual_lr=cfg.residual_lr,
+                           buffers=model.buffers())
 
 
 def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, basis: trajstore.Basis,

@@ -56,3 +56,14 @@ def test_run_with_overrides_writes_the_summary(tmp_path: Path) -> None:
     accs = result["summary"]["sgd"]["test_acc"]
     assert result["summary"]["sgd"]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
     assert (out / "seed-1" / "trajectory.zarr").is_dir()
+    # The README's table is written from results.json, between its markers, and nowhere else.
+    from pipelines.readme import BEGIN, END, update
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{BEGIN}\nold table\n{END}\n\nafter\n")
+    update(readme, [out], "python -m pipelines.readme run")
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title") and text.endswith("after\n")
+    sgd = result["summary"]["sgd"]
+    assert f"| SGD | 2 | {sgd['test_acc_mean']:.2f} ± {sgd['test_acc_std']:.2f} | 2 |" in text
+    assert "| P+-BFGS, d = 3 | 1 (+1 sampled) |" in text

@@ -6,6 +6,7 @@ summation order); the convergence bars are the issue's (1e-10 in float64, 1e-5 i
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import trajstore.pbfgs as pbfgs_module
 from trajstore import PBFGS, PSGD, ClosureError, dldr
 
 N, D = 10_000, 8
@@ -322,3 +324,58 @@ def test_weight_decay_equals_the_l2_term_in_the_objective() -> None:
             opt.step(closure if builtin else with_l2)
         runs.append(model.x.detach().numpy().copy())
     np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-10)
+
+
+def test_rejected_trials_leave_no_trace_in_batchnorm_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    n = sum(p.numel() for p in model.parameters())
+    basis = dldr(np.random.default_rng(0).standard_normal((6, n)), 4)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    start = copy.deepcopy(model.state_dict())
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    verdicts = iter([False, False, False, True])  # three rejected trials, then an accepted one
+    monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a: next(verdicts))
+    opt = PBFGS(model.parameters(), basis, buffers=model.buffers())
+    opt.step(closure)
+    assert opt.stats["trials"] == [4]
+    # Reference: the same two passes an SGD step would make, at the origin and at the accepted point.
+    ref = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    ref.load_state_dict(start)
+    ref(x)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), model.parameters()):
+            p.copy_(q)
+    ref(x)
+    bn, ref_bn = model[1], ref[1]
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=1e-7)  # float32 rounding only
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=1e-7)
+    assert int(bn.num_batches_tracked) == 2  # the rejected trials' passes are not counted
+
+
+def test_without_buffers_the_trials_pass_into_the_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The official code's behaviour, kept as the default: every trial's pass updates them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    basis = dldr(np.random.default_rng(0).standard_normal((6, sum(p.numel() for p in model.parameters()))), 4)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    verdicts = iter([False, False, True])
+    monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a: next(verdicts))
+    opt = PBFGS(model.parameters(), basis)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert int(model[1].num_batches_tracked) == 4

@@ -100,6 +100,13 @@ class PBFGS(torch.optim.Optimizer):
         one flat copy of the parameters and restores them exactly; ``"offset"`` moves by the
         difference of step sizes along the d-dim direction, with no copy (for models where one
         more copy does not fit), restoring them to float rounding.
+    buffers : iterable of Tensor, optional
+        Buffers that forward passes update, typically ``model.buffers()`` (BatchNorm running
+        statistics). A rejected line-search trial's forward pass at a far-off point would leave
+        its activations in them (10% per pass with BatchNorm's default momentum); given here,
+        they are put back after every rejected trial, so a step updates them as an SGD step
+        does: once at the step's origin and once at the accepted point. Default: not restored
+        (the official code's behaviour).
 
     Notes
     -----
@@ -112,7 +119,7 @@ class PBFGS(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, c: float = 0.4, beta: float = 0.55,
                  max_trials: int = 20, plus: bool = False, residual_lr: float = 0.01,
                  residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-10,
-                 restore: str = "copy") -> None:
+                 restore: str = "copy", buffers: Iterable[torch.Tensor] | None = None) -> None:
         _check("c", c, 0.0, 1.0, "in (0, 1)")
         _check("beta", beta, 0.0, 1.0, "in (0, 1)")
         if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
@@ -132,6 +139,9 @@ class PBFGS(torch.optim.Optimizer):
             raise ValueError("PBFGS takes one parameter group (the whole model, in layout order)")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
         self._basis = bind_basis(self._params, basis)
+        self._buffers = list(buffers or ())
+        if any(not isinstance(b, torch.Tensor) for b in self._buffers):
+            raise TypeError("buffers must be tensors, e.g. model.buffers()")
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -190,6 +200,7 @@ class PBFGS(torch.optim.Optimizer):
         # "copy": one flat copy restores the parameters exactly; "offset": move by the difference
         # of step sizes along the d-dim direction (no copy; restores to rounding).
         origin = torch.nn.utils.parameters_to_vector(self._params) if group["restore"] == "copy" else None
+        saved = [b.clone() for b in self._buffers]
         alpha, applied, accepted, trials = 1.0, 0.0, False, 0
         for trials in range(1, group["max_trials"] + 1):
             self._basis.lift(direction, out=self._params, alpha=alpha - applied)
@@ -199,13 +210,15 @@ class PBFGS(torch.optim.Optimizer):
             if armijo_accepts(loss0, trial, alpha, slope, group["c"]):
                 accepted = True
                 break
+            for b, value in zip(self._buffers, saved):
+                b.copy_(value)
             if origin is not None:
                 _restore(self._params, origin)
                 applied = 0.0
             alpha *= group["beta"]
         if not accepted and applied:
             self._basis.lift(direction, out=self._params, alpha=-applied)
-        del origin
+        del origin, saved
         _set_rng_state(rng_after)
         st["n_steps"] += 1
         st["trials"].append(trials)
