@@ -26,8 +26,8 @@ class Config(ExperimentConfig):
     snapshot_every: int = 3                   # 12 steps per epoch: 4 snapshots per epoch, 41 in the window
     dim: int = 40
     subspace_epochs: int = 10
-    subspace_batch_size: int = 1024
-    threads: int = 2
+    subspace_batch_size: int = 256            # 6 steps per epoch (1024 would give 2: too few for BFGS)
+    threads: int = 1                          # a model this small runs fastest on one thread
 
 
 def main(config: Config = Config()) -> dict[str, Any]:

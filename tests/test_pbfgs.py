@@ -183,6 +183,26 @@ def test_failed_line_search_takes_no_step() -> None:
     assert opt.stats["failures"] == 1 and opt.stats["trials"] == [1]
 
 
+def test_a_failed_line_search_resets_the_inverse_hessian() -> None:
+    # A B blown up by one bad curvature pair makes every trial fail; without a reset the
+    # optimizer never takes another step (no step, no new pair, the same B forever).
+    model, closure, basis, *_ = problem(torch.float64)
+    opt = PBFGS(model.parameters(), basis.on("cpu", dtype=torch.float64))
+    opt.step(closure)
+    assert opt.stats["failures"] == 0
+    st = opt.state[model.x]
+    st["B"] = torch.eye(D, dtype=torch.float64) * 1e12  # as after y.s ~ 1e-12
+    opt.param_groups[0]["max_trials"] = 3  # 0.55^2 x 1e12 is still far too long a step
+    before = model.x.detach().clone()
+    opt.step(closure)
+    assert opt.stats["failures"] == 1 and torch.equal(model.x.detach(), before)  # no step taken
+    assert torch.equal(st["B"], torch.eye(D, dtype=torch.float64))  # back to steepest descent
+    opt.param_groups[0]["max_trials"] = 20
+    loss = closure().item()
+    opt.step(closure)
+    assert closure().item() < loss and opt.stats["failures"] == 1  # and it moves on
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"c": 0.0}, r"c must be in \(0, 1\), got 0.0"), ({"beta": 1.0}, r"beta must be in \(0, 1\), got 1.0"),
     ({"max_trials": 0}, "max_trials must be an integer >= 1, got 0"),

@@ -84,8 +84,11 @@ class PBFGS(torch.optim.Optimizer):
     beta : float
         Backtracking factor, in (0, 1) (paper: 0.55).
     max_trials : int
-        Line-search trials per step, >= 1; a step whose trials all fail is not taken and is
-        counted in ``stats["failures"]``.
+        Line-search trials per step, >= 1; a step whose trials all fail is not taken, is
+        counted in ``stats["failures"]``, and resets B to the identity: a curvature pair from
+        two noisy mini-batches can make B so large that no trial passes, and since a step not
+        taken gives no new pair, B would otherwise never recover (the next step is steepest
+        descent, as the first one is).
     plus : bool
         Also move the residual gradient by SGD with momentum (P+-BFGS).
     residual_lr, residual_momentum : float
@@ -227,6 +230,7 @@ class PBFGS(torch.optim.Optimizer):
         else:
             st["failures"] += 1
             st["prev_s"], st["prev_g"] = None, None  # no step taken: no curvature pair either
+            st["B"] = torch.eye(st["B"].shape[0], dtype=st["B"].dtype, device=st["B"].device)
         if group["plus"]:
             self._residual_step(grads, g, group)
         return loss0
