@@ -346,6 +346,17 @@ def test_weight_decay_equals_the_l2_term_in_the_objective() -> None:
     np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-10)
 
 
+def classification_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+    def closure() -> torch.Tensor:
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    return closure
+
+
 def test_rejected_trials_leave_no_trace_in_batchnorm_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
@@ -353,18 +364,10 @@ def test_rejected_trials_leave_no_trace_in_batchnorm_statistics(monkeypatch: pyt
     basis = dldr(np.random.default_rng(0).standard_normal((6, n)), 4)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     start = copy.deepcopy(model.state_dict())
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
     verdicts = iter([False, False, False, True])  # three rejected trials, then an accepted one
     monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a: next(verdicts))
     opt = PBFGS(model.parameters(), basis, buffers=model.buffers())
-    opt.step(closure)
+    opt.step(classification_closure(model, x, y))
     assert opt.stats["trials"] == [4]
     # Reference: the same two passes an SGD step would make, at the origin and at the accepted point.
     ref = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
@@ -389,13 +392,5 @@ def test_without_buffers_the_trials_pass_into_the_statistics(monkeypatch: pytest
     verdicts = iter([False, False, True])
     monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a: next(verdicts))
     opt = PBFGS(model.parameters(), basis)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(classification_closure(model, x, y))
     assert int(model[1].num_batches_tracked) == 4
