@@ -394,14 +394,17 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
         started = time.perf_counter()
         gen = _reseed(seed, tag, epoch)
         model.train()
-        loss_sum, count = 0.0, 0
+        loss_sum, correct, count = 0.0, [0], 0
         for x, y in _batches(setup.train, batch_size, setup.device, generator=gen, num_workers=cfg.num_workers):
             def closure() -> torch.Tensor:
-                if torch.is_grad_enabled():
+                grad = torch.is_grad_enabled()  # line-search trials run without gradients
+                if grad:
                     opt.zero_grad(set_to_none=False)
-                loss = nn.functional.cross_entropy(model(x), y)
-                if torch.is_grad_enabled():
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+                if grad:
                     loss.backward()
+                    correct[0] += int((logits.argmax(1) == y).sum())  # at the step's origin, as for SGD
                 return loss
 
             loss = opt.step(closure)
@@ -409,8 +412,8 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
             count += len(y)
         test_loss, test_acc = evaluate(model, setup.test, cfg, setup.device)
         state["seconds"] += time.perf_counter() - started
-        state["history"].append({"epoch": epoch, "train_loss": loss_sum / count, "test_loss": test_loss,
-                                 "test_acc": test_acc})
+        state["history"].append({"epoch": epoch, "train_loss": loss_sum / count, "train_acc": 100.0 * correct[0] / count,
+                                 "test_loss": test_loss, "test_acc": test_acc})
         state["epoch"] = epoch
         _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt_path)
         bar.set_postfix(test_acc=f"{test_acc:.2f}")

@@ -69,7 +69,7 @@ def write_report(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], wall_sec
     for method in cfg.methods:
         runs = [s["subspace"][method]["history"] for s in per_seed]
         if all(runs):
-            curves[method] = {k: _curves(runs, k) for k in ("test_acc", "test_loss", "train_loss")}
+            curves[method] = {k: _curves(runs, k) for k in ("test_acc", "test_loss", "train_loss", "train_acc")}
     evr = np.asarray([s["basis"]["explained_variance_ratio"] for s in per_seed])
     figures = [_plot_explained(cfg, evr, out / "explained_variance.png"),
                _plot_accuracy(cfg, per_seed, curves, out / "accuracy.png"),

@@ -68,6 +68,10 @@ def test_every_stage_leaves_its_record(finished: tuple[ExperimentConfig, dict]) 
     basis = open_basis(folder / STORE, result["seeds"][0]["basis"]["name"])
     assert (basis.start, basis.stop, basis.d) == (0, len(store), 4)
     assert result["seeds"][0]["subspace"]["pbfgs"]["line_search"]["steps"] == 2 * 2  # 2 batches x 2 epochs
+    for method in ("pbfgs", "pbfgs+", "psgd"):
+        rows = result["seeds"][0]["subspace"][method]["history"]
+        assert [set(r) for r in rows] == [{"epoch", "train_loss", "train_acc", "test_loss", "test_acc"}] * 2
+        assert all(0 <= r["train_acc"] <= 100 for r in rows)
     assert len(result["seeds"][0]["projection"]["snapshots"]) == 3
     saved = json.loads((cfg.folder / "results.json").read_text())
     assert saved["summary"] == summary and saved["provenance"]["versions"]["torch"]
