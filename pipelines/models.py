@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["CNN1d", "CifarResNet", "InceptionV4", "MLP", "WideResNet", "build_model"]
+__all__ = ["CNN1d", "CifarResNet", "InceptionV4", "MLP", "WideResNet", "build_model", "resolve_model"]
 
 
 class _WideBlock(nn.Module):
@@ -256,3 +256,31 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] =
         return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
     raise ValueError(f"unknown model {name!r}; expected 'mlp[-WIDTH]', 'cnn1d[-CHANNELS]', 'resnetDEPTH', "
                      "'wrn-DEPTH-WIDTH', 'inception-v4' or 'torchvision:NAME'")
+
+
+def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """A model and its input shape from a spec: a built-in name as trained by the pipelines
+    (``resnetDEPTH`` on CIFAR-10; ``wrn-*`` and ``inception-v4`` on CIFAR-100, as in Table 3;
+    ``cnn1d`` on MNIST-1D; ``mlp`` on digits), ``torchvision:NAME`` (1,000 classes, 3 x 224 x 224)
+    or ``package.module:factory`` (called with no arguments; give ``input_shape``)."""
+    import importlib
+
+    if spec.startswith("torchvision:"):
+        return build_model(spec, 1000), input_shape or (3, 224, 224)
+    if ":" in spec:
+        module, _, name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import {spec!r}: {e}") from e
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        return model, input_shape
+    if spec.startswith(("wrn-", "inception")):
+        return build_model(spec, 100), input_shape or (3, 32, 32)
+    if spec.startswith("cnn1d"):
+        return build_model(spec, 10, input_shape or (40,)), input_shape or (40,)
+    if spec.startswith("mlp"):
+        return build_model(spec, 10, input_shape or (64,)), input_shape or (64,)
+    return build_model(spec, 10), input_shape or (3, 32, 32)

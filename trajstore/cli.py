@@ -133,6 +133,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipelines.models import resolve_model
+
+    from .layout import Layout
+    from .plan import activation_bytes, format_plan, plan
+
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    with torch.device("meta"):  # shapes only: nothing is allocated, whatever the model's size
+        model, shape = resolve_model(args.model, shape)
+    acts = activation_bytes(model, shape, args.batch) if args.batch and shape else 0
+    result = plan(Layout.from_model(model), args.snapshots, args.dim, storage_dtype=args.storage_dtype,
+                  device=args.device, workers=args.workers, activations=acts)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipelines import bench
+
+    return bench.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -197,6 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="folder for the result (default: the store's folder)")
     train.set_defaults(func=_cmd_train)
 
+    plan_ = sub.add_parser("plan", help="predict disk, memory and I/O of each stage before any work")
+    plan_.add_argument("model", help="wrn-40-10 | resnet20 | inception-v4 | torchvision:NAME | package.module:factory")
+    plan_.add_argument("--snapshots", type=int, default=101, help="T (default 101)")
+    plan_.add_argument("--dim", type=int, default=40, help="D (default 40)")
+    plan_.add_argument("--storage-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    plan_.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training runs")
+    plan_.add_argument("--batch", type=int, default=128, help="training batch, for activation memory (0: leave out)")
+    plan_.add_argument("--input-shape", default=None, help="e.g. 3,224,224 (needed for package.module:factory)")
+    plan_.add_argument("--workers", type=int, default=None, help="threads of the DLDR passes (default: CPUs)")
+    plan_.add_argument("--json", action="store_true")
+    plan_.set_defaults(func=_cmd_plan)
+
+    bench_ = sub.add_parser("bench", help="measure each stage for real, beside the plan, the floor and the official approach")
+    from pipelines.bench import add_arguments
+
+    add_arguments(bench_)
+    bench_.set_defaults(func=_cmd_bench)
+
     run = sub.add_parser("run", help="run a whole experiment end to end (resumes a killed run)")
     run.add_argument("experiment", help="mnist1d | digits | cifar10-resnet20 | cifar100-wrn-40-10 | ... | demo")
     run.add_argument("--out", default=None, help="run folder (default runs/EXPERIMENT)")
@@ -209,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and "--suite" in argv[1:-1]:  # a suite parses its own options
+        from pipelines import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
