@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bad = [r for r in runs if "error" in r]
             if bad:
                 print(f"{size:>10} {method:>15}: FAILED {bad[0]['error'][-400:]}", flush=True)
-                rows.append({"size": size, "n": n, "method": method, "error": bad[0]["error"]})
+                rows.append({"size": size, "n": n, "t": args.t, "method": method, "error": bad[0]["error"]})
                 continue
             row = {"size": size, "n": n, "t": args.t, "method": method, "runs": runs,
                    "seconds": median([r["seconds"] for r in runs]),

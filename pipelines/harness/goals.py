@@ -6,7 +6,7 @@
    (:mod:`pipelines.harness.append`);
 2. the DLDR basis at n = 1M, 4M, 16M and 55.9M (WRN-40-10), t = 101: time and peak memory
    vs the machine's floor and vs the official approach where it fits
-   (:mod:`pipelines.harness.basis`), and at n = 4M for t = 26, 51, 101 (memory vs t);
+   (:mod:`pipelines.harness.basis`), and at n = 4M for t = 51, 76, 101 (memory vs t);
 3. a P+-BFGS step vs an SGD step (ResNet-20, batch 128 and 1024, CPU) and the private memory
    of a WRN-40-10 step with a memory-mapped basis (:mod:`pipelines.harness.step`).
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--appends", type=int, default=7, help="append rounds (median)")
     parser.add_argument("--steps", type=int, default=6, help="steps per batch size (median)")
     parser.add_argument("--sizes", default="1M,4M,16M,wrn-40-10")
-    parser.add_argument("--windows", default="26,51", help="other t for memory vs t at n = 4M (with 101)")
+    parser.add_argument("--windows", default="51,76", help="other t (> d) for memory vs t at n = 4M (with 101)")
     parser.add_argument("--data", default="benchmarks/data", help="folder of the generated stores (kept)")
     parser.add_argument("--out", default="benchmarks/results/goals")
 
