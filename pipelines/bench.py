@@ -48,14 +48,15 @@ TRAIN_MODES = ("resident", "mmap", "stream")
 # ------------------------------------------------------------------------------- the floor
 
 
-def floor_bounds(*, write_bytes: int, read_bytes: int, gram_flops: float, basis_flops: float,
-                 write_Bps: float, read_Bps: float, flops: float) -> dict[str, float]:
+def floor_bounds(*, write_bytes: int, read_bytes: int, basis_write_bytes: int, gram_flops: float,
+                 basis_flops: float, write_Bps: float, read_Bps: float, flops: float) -> dict[str, float]:
     """Lower bounds in seconds for each stage, from the machine's measured rates: the sample stage
-    must write every snapshot byte; each DLDR pass must read all of W and do its arithmetic, which
-    can overlap at best (the bound is the larger of the two)."""
+    must write every snapshot byte; each DLDR pass must read all of W (the basis pass also writes
+    U, on the same disk) and do its arithmetic, which I/O can overlap at best (the bound is the
+    larger of the two)."""
     return {"sample": write_bytes / write_Bps,
             "gram": max(read_bytes / read_Bps, gram_flops / flops),
-            "basis": max(read_bytes / read_Bps, basis_flops / flops)}
+            "basis": max(read_bytes / read_Bps + basis_write_bytes / write_Bps, basis_flops / flops)}
 
 
 def measure_floor(folder: Path, t: int, nbytes: int = 1 << 30) -> dict[str, Any]:
@@ -300,6 +301,7 @@ def bench(spec: str, *, t: int, d: int, batch: int, stages: tuple[str, ...], fol
             if floor is not None and stage in ("sample", "gram", "basis"):
                 p = _plan(spec, input_shape, t, d, batch, workers, 0)
                 bounds = floor_bounds(write_bytes=p.stage("sample").write_bytes, read_bytes=p.stage("gram").read_bytes,
+                                      basis_write_bytes=p.stage("basis").write_bytes,
                                       gram_flops=2.0 * p.n * t * t, basis_flops=2.0 * p.n * t * (t + d),
                                       write_Bps=floor["write_Bps"], read_Bps=floor["read_Bps"], flops=floor["flops"])
             row = _row(name, planned, measured, bounds)

@@ -363,11 +363,11 @@ def _subspace_optimizer(cfg: ExperimentConfig, method: str, model: nn.Module, ba
 
 def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, basis: trajstore.Basis,
                    setup: _Setup | None = None, *, epochs: int | None = None, batch_size: int | None = None,
-                   tag: str | None = None) -> dict[str, Any]:
+                   tag: str | None = None, store: Path | str | None = None) -> dict[str, Any]:
     """Train from the window's first snapshot (parameters and buffers: the SGD run's
     initialization) with ``method`` in the basis' subspace. Writes ``folder/TAG.json`` (the
     record) and ``folder/TAG.pt`` (the trained model's state_dict); resumes from
-    ``folder/TAG.ckpt.pt``."""
+    ``folder/TAG.ckpt.pt``. The trajectory is ``store`` (default ``folder/trajectory.zarr``)."""
     tag = tag or method
     epochs = cfg.subspace_epochs if epochs is None else epochs
     batch_size = batch_size or cfg.subspace_batch_size
@@ -376,8 +376,9 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
         return json.loads(done.read_text())
     setup = setup or _Setup(cfg, seed)
     model = setup.model()
-    with TrajectoryStore.open(folder / STORE, trajectory=basis.trajectory) as store:
-        store.load_into(model, basis.start)
+    folder.mkdir(parents=True, exist_ok=True)
+    with TrajectoryStore.open(store or folder / STORE, trajectory=basis.trajectory) as trajectory:
+        trajectory.load_into(model, basis.start)
     on_device = basis.on(setup.device, mode=cfg.basis_mode)
     opt = _subspace_optimizer(cfg, method, model, on_device)
     state: dict[str, Any] = {"epoch": 0, "history": [], "seconds": 0.0}

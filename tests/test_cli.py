@@ -30,6 +30,12 @@ def test_sample_then_train_from_the_recorded_initialization(tmp_path: Path, caps
     assert f"test accuracy {result['history'][-1]['test_acc']:.2f}%" in printed
     assert result["line_search"]["steps"] == 2 * 2  # 1,437 digits in batches of 1,024: 2 steps per epoch
 
+    # A store of another name, results elsewhere: the store given is the one trained from.
+    (out / "trajectory.zarr").rename(out / "renamed.zarr")
+    assert main(["train", str(out / "renamed.zarr"), "--optimizer", "psgd", "--basis", "default-0-7-d5",
+                 "--epochs", "1", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "train-psgd-default-0-7-d5-e1-b1024.json").exists()
+
 
 def test_errors_are_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "digits"

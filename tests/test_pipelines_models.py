@@ -45,3 +45,18 @@ def test_inception_v4_runs_on_cifar_images() -> None:
 def test_unknown_or_malformed_names_are_refused(name: str) -> None:
     with pytest.raises(ValueError):
         build_model(name, 10)
+
+
+def test_resolve_model_specs() -> None:
+    from pipelines.models import resolve_model
+
+    model, shape = resolve_model("wrn-16-1")
+    assert shape == (3, 32, 32) and model.fc.out_features == 100  # CIFAR-100, as in Table 3
+    model, shape = resolve_model("torchvision:resnet18")
+    assert shape == (3, 224, 224) and model.fc.out_features == 1000
+    model, shape = resolve_model("torch.nn:Identity", (5,))
+    assert isinstance(model, torch.nn.Identity) and shape == (5,)
+    with pytest.raises(ValueError, match="cannot import"):
+        resolve_model("no_such_module:factory")
+    with pytest.raises(ValueError, match="not a torch.nn.Module"):
+        resolve_model("builtins:dict")

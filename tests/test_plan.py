@@ -122,8 +122,8 @@ def test_disk_bytes_match_real_stores(tmp_path: Path) -> None:
 
 
 def test_floor_bounds_by_hand() -> None:
-    b = floor_bounds(write_bytes=10e9, read_bytes=20e9, gram_flops=4e12, basis_flops=1e12,
+    b = floor_bounds(write_bytes=10e9, read_bytes=20e9, basis_write_bytes=1e9, gram_flops=4e12, basis_flops=1e12,
                      write_Bps=0.5e9, read_Bps=2e9, flops=100e9)
     assert b["sample"] == pytest.approx(20.0)     # 10 GB at 0.5 GB/s
     assert b["gram"] == pytest.approx(40.0)       # arithmetic (4e12 / 1e11) outlasts the read (10 s)
-    assert b["basis"] == pytest.approx(10.0)      # the read (20 GB at 2 GB/s) outlasts 10 s of arithmetic
+    assert b["basis"] == pytest.approx(12.0)      # read 20 GB at 2 GB/s + write 1 GB at 0.5 GB/s > 10 s of arithmetic

@@ -126,7 +126,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     folder = Path(args.out) if args.out else Path(os.fspath(args.store)).resolve().parent
     tag = f"train-{args.optimizer}-{basis.name}-e{args.epochs}-b{args.batch_size}"
     result = train_subspace(cfg, folder, int(attrs.get("seed", 0)), args.optimizer, basis, epochs=args.epochs,
-                            batch_size=args.batch_size, tag=tag)
+                            batch_size=args.batch_size, tag=tag, store=args.store)
     last = result["history"][-1] if result["history"] else {"test_acc": float("nan")}
     print(f"{args.optimizer} in {basis.name} ({basis.d}-D, window [{basis.start}, {basis.stop})): "
           f"{args.epochs} epochs, test accuracy {last['test_acc']:.2f}%; wrote {folder / (tag + '.json')}")
