@@ -330,7 +330,7 @@ def _format_row(r: dict[str, Any]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     g = 2**30
-    lines = [f"| stage | plan host peak (GiB) | measured peak private (GiB) | measured / plan | plan disk (GiB) | "
+    lines = ["| stage | plan host peak (GiB) | measured peak private (GiB) | measured / plan | plan disk (GiB) | "
              "measured disk (GiB) | measured / plan | time |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "skipped" in r:

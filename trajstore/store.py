@@ -18,7 +18,6 @@ chunk of the new snapshot is on the store.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence

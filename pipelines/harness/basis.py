@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .measure import available_bytes, drop_caches
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "benchmarks"
@@ -190,22 +191,8 @@ CHILDREN = {"trajstore": child_trajstore, "official": child_official, "svd_compr
 PREDICTED_FACTOR = {"official": 3.6, "svd_compressed": 1.75}  # peak / bytes of W, measured (shared/MEASURED.md)
 
 
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def _available() -> int:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-
-
 def run_child(method: str, path: Path, d: int) -> dict[str, Any]:
-    cold = _drop_caches()
+    cold = drop_caches()
     cmd = [sys.executable, "-m", "pipelines.harness.basis", "--child", method, "--store", str(path), "--d", str(d)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -252,9 +239,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         w_bytes = n * args.t * 4
         for method in args.methods.split(","):
             factor = PREDICTED_FACTOR.get(method)
-            if factor and factor * w_bytes > _available() - 2**30:
+            if factor and factor * w_bytes > available_bytes() - 2**30:
                 print(f"{size:>10} {method:>15}: skipped, predicted peak {factor * w_bytes / 2**30:.1f} GiB "
-                      f"> available {(_available() - 2**30) / 2**30:.1f} GiB", flush=True)
+                      f"> available {(available_bytes() - 2**30) / 2**30:.1f} GiB", flush=True)
                 rows.append({"size": size, "n": n, "t": args.t, "method": method, "skipped": "does not fit in memory",
                              "predicted_peak_GiB": factor * w_bytes / 2**30})
                 continue

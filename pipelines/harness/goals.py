@@ -122,6 +122,18 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_memory_vs_n(rows: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -134,14 +146,7 @@ def plot_memory_vs_n(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(*zip(*skipped), marker="x", linestyle="none", color=color, label=f"{method} (predicted: does not fit)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters n")
-    ax.set_ylabel("peak memory (GiB)")
-    ax.set_title("DLDR basis, t = 101, d = 40: peak memory vs n")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "parameters n", "peak memory (GiB)", "DLDR basis, t = 101, d = 40: peak memory vs n")
 
 
 def plot_memory_vs_t(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -151,14 +156,7 @@ def plot_memory_vs_t(rows: list[dict[str, Any]], path: Path) -> Path:
         got = sorted((r.get("t", 101), r["peak_rss_GiB"]) for r in rows if r["method"] == method and "peak_rss_GiB" in r)
         if got:
             ax.plot(*zip(*got), marker="o", color=color, label=method)
-    ax.set_xlabel("snapshots t")
-    ax.set_ylabel("peak memory (GiB)")
-    ax.set_title("DLDR basis at n = 4M: peak memory vs t")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "snapshots t", "peak memory (GiB)", "DLDR basis at n = 4M: peak memory vs t")
 
 
 def plot_time_vs_floor(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -172,10 +170,4 @@ def plot_time_vs_floor(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.bar([i + (k - 1) * 0.27 for i in x], heights, width=0.27, color=color, label=method)
     ax.set_xticks(list(x), sizes)
     ax.set_yscale("log")
-    ax.set_ylabel("seconds")
-    ax.set_title("DLDR basis, t = 101: time vs the machine's floor")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "", "seconds", "DLDR basis, t = 101: time vs the machine's floor")

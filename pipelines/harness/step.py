@@ -34,7 +34,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
