@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import zarr
 from zarr.abc.store import Store
@@ -101,3 +104,30 @@ def fsync_local(store: Store, keys: list[str], *, workers: int = 4) -> None:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(_sync, paths))
         list(pool.map(_sync, folders))
+
+
+def write_chunk_file(path: Path, values: np.ndarray, chunk_shape: tuple[int, ...], fill: Any, *,
+                     durable: bool = False) -> None:
+    """Write one chunk as a local Zarr v3 store keeps it for a ``bytes`` (little-endian) +
+    ``crc32c`` codec chain: the chunk's raw values, padded to the chunk shape with ``fill`` (an
+    edge chunk is stored whole), then their crc32c. Written to a temporary file and renamed, as
+    Zarr does; with ``durable`` the file is fsynced before the rename.
+
+    This skips Zarr's encode path and its copies of the chunk (measured: an append of a 213 MiB
+    snapshot spent most of its time there once the disk was faster than it)."""
+    import crc32c
+
+    if values.shape != chunk_shape:
+        padded = np.full(chunk_shape, fill, dtype=values.dtype)
+        padded[tuple(slice(0, k) for k in values.shape)] = values
+        values = padded
+    data = memoryview(np.ascontiguousarray(values)).cast("B")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.write(crc32c.crc32c(data).to_bytes(4, "little"))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)

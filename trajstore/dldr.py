@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,30 +69,14 @@ class _BasisWriter:
         if root is not None and sys.byteorder == "little" and a % self._rows == 0:
             i = a // self._rows
             folder = root / self._path
-            _write_chunk(folder / "U" / "c" / str(i) / "0", u, (self._rows, u.shape[1]))
-            _write_chunk(folder / "mean" / "c" / str(i), mean, (self._rows,))
+            _backend.write_chunk_file(folder / "U" / "c" / str(i) / "0", u, (self._rows, u.shape[1]), np.nan)
+            _backend.write_chunk_file(folder / "mean" / "c" / str(i), mean, (self._rows,), np.nan)
             return
         if self._arrays is None:
             group = _backend.open_group(self._zstore, self._path, "r+")
             self._arrays = tuple(group[k].with_config({"write_empty_chunks": True}) for k in ("U", "mean"))  # type: ignore[assignment]
         self._arrays[0][a:a + u.shape[0]] = u
         self._arrays[1][a:a + u.shape[0]] = mean
-
-
-def _write_chunk(path: Path, values: np.ndarray, chunk_shape: tuple[int, ...]) -> None:
-    import crc32c
-
-    if values.shape != chunk_shape:  # an edge chunk: Zarr stores it whole, padded with the fill value
-        padded = np.full(chunk_shape, np.nan, dtype=values.dtype)
-        padded[tuple(slice(0, k) for k in values.shape)] = values
-        values = padded
-    data = memoryview(np.ascontiguousarray(values)).cast("B")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.write(crc32c.crc32c(data).to_bytes(4, "little"))
-    os.replace(tmp, path)
 
 
 def _basis_task(piece: np.ndarray, c: int, v_scaled: np.ndarray, writer: _BasisWriter,

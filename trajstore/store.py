@@ -164,6 +164,7 @@ class TrajectoryStore:
         self._prefix = f"{_TRAJ_ROOT}/{trajectory}"
         self._lease: WriterLease | None = None
         self._staging: np.ndarray | None = None
+        self._writers: Any = None  # the threads writing an append's chunk files (local folders)
         self.refresh()
 
     # ---------------------------------------------------------------- construction
@@ -491,10 +492,34 @@ class TrajectoryStore:
                     )
                 fill, done = fill + take, done + take
                 if fill == size:
-                    self._params[index, start:start + fill] = staging
+                    self._write_stage(index, start, staging)
                     start, fill = start + fill, 0
         if fill:
-            self._params[index, start:start + fill] = staging[:fill]
+            self._write_stage(index, start, staging[:fill])
+
+    def _write_stage(self, index: int, start: int, values: np.ndarray) -> None:
+        """Write ``values`` (whole chunks, the last one possibly short) at ``start`` of row ``index``.
+
+        On a local folder the chunk files are written directly, a few at a time, in Zarr's own
+        format for this array (:func:`_backend.write_chunk_file`); elsewhere through Zarr."""
+        root = _backend.local_root(self._zstore)
+        if root is None or sys.byteorder != "little":
+            self._params[index, start:start + values.shape[0]] = values
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunk = self._static.chunk_elems
+        folder = root / self._prefix / "params" / "c" / str(index)
+        fill = self._static.dtype.fill_value
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(4, thread_name_prefix="trajstore-append")
+        # Durable: each chunk is fsynced by the thread that wrote it, in parallel (_sync_row then
+        # syncs only the folders and the metadata).
+        futures = [self._writers.submit(_backend.write_chunk_file, folder / str((start + a) // chunk),
+                                        values[a:a + chunk], (chunk,), fill, durable=self._durable)
+                   for a in range(0, values.shape[0], chunk)]
+        for future in futures:
+            future.result()  # the staging buffer is refilled only when all of it is written
 
     def _buffer_bytes(self, buffers: list[torch.Tensor]) -> np.ndarray:
         import torch
@@ -507,10 +532,13 @@ class TrajectoryStore:
 
     def _sync_row(self, index: int) -> None:
         chunks = -(-self.n // self._static.chunk_elems)
-        keys = [f"{self._prefix}/params/c/{index}/{j}" for j in range(chunks)]
-        keys += [f"{self._prefix}/params/zarr.json"]
+        direct = sys.byteorder == "little"  # local chunk files were fsynced as they were written
+        keys = [] if direct else [f"{self._prefix}/params/c/{index}/{j}" for j in range(chunks)]
+        # The row's folders and the folders that hold them: new directory entries must reach the disk too.
+        keys += [f"{self._prefix}/params/c/{index}/0", f"{self._prefix}/params/c/{index}", f"{self._prefix}/params/zarr.json"]
         if self._buffers is not None:
-            keys += [f"{self._prefix}/buffers/c/{index}/0", f"{self._prefix}/buffers/zarr.json"]
+            keys += [f"{self._prefix}/buffers/c/{index}/0", f"{self._prefix}/buffers/c/{index}",
+                     f"{self._prefix}/buffers/zarr.json"]
         _backend.fsync_local(self._zstore, keys)
 
     def _commit(self, records: list[SnapshotRecord]) -> None:
@@ -522,6 +550,9 @@ class TrajectoryStore:
 
     def close(self) -> None:
         """Release the write lease (a no-op for read-only stores). Idempotent."""
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
+            self._writers = None
         if self._lease is not None:
             self._lease.release()
             self._lease = None
