@@ -425,8 +425,10 @@ class TrajectoryStore:
 
         Notes
         -----
-        Extra host memory: one staging buffer of ``min(n, 64 MiB / itemsize)`` values plus Zarr's
-        encoding buffers for the chunks in flight (at most ``zarr.config["async.concurrency"]``).
+        Extra host memory: one staging buffer of ``min(n, 64 MiB / itemsize)`` values. On a local
+        folder its chunks are written as chunk files directly, four at a time (measured on a
+        WRN-40-10: 0.59 of a snapshot's bytes at peak, staging included); elsewhere through Zarr,
+        plus its encoding buffers for the chunks in flight.
         """
         params, buffers = self._static.layout.check_model(model)
         return self.append_tensors(params, buffers, step=step, epoch=epoch, lr=lr, metrics=metrics,
