@@ -109,12 +109,26 @@ def _model(spec: str, input_shape: list[int] | None) -> tuple[Any, tuple[int, ..
 def _batch(model: Any, shape: tuple[int, ...] | None, batch: int) -> tuple[Any, Any]:
     import torch
 
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *shape), generator=gen)
+    x = torch.randn((batch, *shape), generator=gen).to(device)
     with torch.no_grad():
         classes = model.eval()(x[:1]).shape[1]
     model.train()
-    return x, torch.randint(0, classes, (batch,), generator=gen)
+    return x, torch.randint(0, classes, (batch,), generator=gen).to(device)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _gpu_peak(device: str) -> dict[str, int]:
+    import torch
+
+    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if device.startswith("cuda") else {}
 
 
 def child_sample(a: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +139,7 @@ def child_sample(a: dict[str, Any]) -> dict[str, Any]:
     path = Path(a["path"])
     with PeakMemory() as mem:
         model, shape = _model(a["model"], a["input_shape"])
+        model.to(a["device"])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         if a["batch"] and shape:
             x, y = _batch(model, shape, a["batch"])
@@ -140,8 +155,8 @@ def child_sample(a: dict[str, Any]) -> dict[str, Any]:
                         p.add_(float(gen.standard_normal()) * 1e-2)
                 rec.snapshot(step=k)
         seconds = time.perf_counter() - started
-    return {**mem.to_json(), "seconds": seconds, "append_seconds": rec.stats["write"] / a["t"],
-            "disk_bytes": du(path), "snapshots": a["t"]}
+    return {**mem.to_json(), **_gpu_peak(a["device"]), "seconds": seconds,
+            "append_seconds": rec.stats["write"] / a["t"], "disk_bytes": du(path), "snapshots": a["t"]}
 
 
 def child_gram(a: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +188,9 @@ def child_train(a: dict[str, Any]) -> dict[str, Any]:
 
     with PeakMemory() as mem:
         model, shape = _model(a["model"], a["input_shape"])
-        TrajectoryStore.open(a["path"]).load_into(model, 0)
+        TrajectoryStore.open(a["path"]).load_into(model.to(a["device"]), 0)
         x, y = _batch(model, shape, a["batch"])
-        opt = PBFGS(model.parameters(), open_basis(a["path"], "bench").on("cpu", mode=a["mode"]), plus=True)
+        opt = PBFGS(model.parameters(), open_basis(a["path"], "bench").on(a["device"], mode=a["mode"]), plus=True)
 
         def closure() -> torch.Tensor:
             if torch.is_grad_enabled():
@@ -187,18 +202,23 @@ def child_train(a: dict[str, Any]) -> dict[str, Any]:
 
         times = []
         for _ in range(a["steps"]):
+            _sync(a["device"])
             started = time.perf_counter()
             opt.step(closure)
+            _sync(a["device"])
             times.append(time.perf_counter() - started)
+    gpu = _gpu_peak(a["device"])
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sgd_times = []
     for _ in range(a["steps"]):
+        _sync(a["device"])
         started = time.perf_counter()
         sgd.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         sgd.step()
+        _sync(a["device"])
         sgd_times.append(time.perf_counter() - started)
-    return {**mem.to_json(), "step_seconds": float(np.median(times)), "sgd_step_seconds": float(np.median(sgd_times)),
+    return {**mem.to_json(), **gpu, "step_seconds": float(np.median(times)), "sgd_step_seconds": float(np.median(sgd_times)),
             "trials": opt.stats["trials"], "disk_bytes": du(Path(a["path"]))}
 
 
@@ -233,7 +253,7 @@ def run_child(stage: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plan(spec: str, input_shape: tuple[int, ...] | None, t: int, d: int, batch: int, workers: int,
-          baseline: int) -> Any:
+          baseline: int, device: str = "cpu") -> Any:
     import torch
 
     from pipelines.models import resolve_model
@@ -243,7 +263,8 @@ def _plan(spec: str, input_shape: tuple[int, ...] | None, t: int, d: int, batch:
     with torch.device("meta"):
         model, shape = resolve_model(spec, input_shape)
     acts = activation_bytes(model, shape, batch) if batch and shape else 0
-    return plan(Layout.from_model(model), t, d, workers=workers, baseline_bytes=baseline, activations=acts)
+    return plan(Layout.from_model(model), t, d, workers=workers, baseline_bytes=baseline, activations=acts,
+                device="cuda" if device.startswith("cuda") else "cpu")
 
 
 def _row(stage: str, planned: Any, measured: dict[str, Any], floor: dict[str, float] | None) -> dict[str, Any]:
@@ -261,6 +282,9 @@ def _row(stage: str, planned: Any, measured: dict[str, Any], floor: dict[str, fl
             row[key] = measured[key]
     if "step_seconds" in measured:
         row["step_vs_sgd"] = measured["step_seconds"] / measured["sgd_step_seconds"]
+    if "peak_gpu_bytes" in measured and planned.gpu_peak_bytes:
+        row.update(plan_gpu_peak_bytes=planned.gpu_peak_bytes, peak_gpu_bytes=measured["peak_gpu_bytes"],
+                   gpu_ratio=measured["peak_gpu_bytes"] / planned.gpu_peak_bytes)
     if floor and stage in floor:
         row["floor_seconds"] = floor[stage]
     return row
@@ -268,13 +292,13 @@ def _row(stage: str, planned: Any, measured: dict[str, Any], floor: dict[str, fl
 
 def bench(spec: str, *, t: int, d: int, batch: int, stages: tuple[str, ...], folder: Path,
           input_shape: tuple[int, ...] | None = None, workers: int | None = None, steps: int = 3,
-          with_floor: bool = False, durable: bool = True) -> dict[str, Any]:
+          with_floor: bool = False, durable: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Measure ``stages`` on a synthetic trajectory of ``spec``'s layout in ``folder`` and
     compare with the plan. Returns rows with both, ratios, and the floor."""
     workers = workers or os.cpu_count() or 1
     path = folder / "bench.zarr"
     common = {"model": spec, "input_shape": list(input_shape) if input_shape else None, "path": str(path),
-              "t": t, "d": d, "batch": batch, "workers": workers, "durable": durable}
+              "t": t, "d": d, "batch": batch, "workers": workers, "durable": durable, "device": device}
     rows, floor = [], None
     if with_floor:
         floor = measure_floor(folder, t)
@@ -296,7 +320,7 @@ def bench(spec: str, *, t: int, d: int, batch: int, stages: tuple[str, ...], fol
                     print(f"{name:>16}: skipped (needs {estimate / 2**30:.1f} GiB)", flush=True)
                     continue
             measured = run_child(stage, args)
-            planned = _plan(spec, input_shape, t, d, batch, workers, measured["baseline_anon_bytes"]).stage(name)
+            planned = _plan(spec, input_shape, t, d, batch, workers, measured["baseline_anon_bytes"], device).stage(name)
             bounds = None
             if floor is not None and stage in ("sample", "gram", "basis"):
                 p = _plan(spec, input_shape, t, d, batch, workers, 0)
@@ -325,6 +349,8 @@ def _format_row(r: dict[str, Any]) -> str:
         text += f" (floor {r['floor_seconds']:.1f} s)"
     if "step_vs_sgd" in r:
         text += f", step {r['step_seconds'] * 1e3:.0f} ms = {r['step_vs_sgd']:.2f}x SGD"
+    if "gpu_ratio" in r:
+        text += f", peak GPU {r['peak_gpu_bytes'] / g:.2f} GiB (plan x{r['gpu_ratio']:.2f})"
     return text
 
 
@@ -377,6 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="P+-BFGS and SGD steps per train mode")
     parser.add_argument("--workers", type=int, default=None, help="threads of the DLDR passes (default: CPUs)")
     parser.add_argument("--floor", action="store_true", help="also measure the machine's floor")
+    parser.add_argument("--device", default="cpu", help="where the model trains: cpu or cuda (peak GPU memory too)")
     parser.add_argument("--dir", default=None, help="folder for the synthetic store (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the store")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
@@ -394,7 +421,8 @@ def run(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         result = bench(args.model, t=args.snapshots, d=args.dim, batch=args.batch, stages=stages, folder=folder,
-                       input_shape=shape, workers=args.workers, steps=args.steps, with_floor=args.floor)
+                       input_shape=shape, workers=args.workers, steps=args.steps, with_floor=args.floor,
+                       device=args.device)
     finally:
         if not args.keep:
             shutil.rmtree(folder / "bench.zarr", ignore_errors=True)
