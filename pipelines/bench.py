@@ -25,6 +25,7 @@ and the float64 GEMM rate, with the lower bound they give each stage.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -252,18 +253,27 @@ def run_child(stage: str, args: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- the parent
 
 
-def _plan(spec: str, input_shape: tuple[int, ...] | None, t: int, d: int, batch: int, workers: int,
-          baseline: int, device: str = "cpu") -> Any:
+@functools.lru_cache(maxsize=8)
+def _layout(spec: str, input_shape: tuple[int, ...] | None, batch: int) -> tuple[Any, int]:
+    """The model's layout and a training step's activation bytes, from one pass on the meta
+    device (computed once per bench run, however many stages are planned)."""
     import torch
 
     from pipelines.models import resolve_model
     from trajstore.layout import Layout
-    from trajstore.plan import activation_bytes, plan
+    from trajstore.plan import activation_bytes
 
     with torch.device("meta"):
         model, shape = resolve_model(spec, input_shape)
-    acts = activation_bytes(model, shape, batch) if batch and shape else 0
-    return plan(Layout.from_model(model), t, d, workers=workers, baseline_bytes=baseline, activations=acts,
+    return Layout.from_model(model), activation_bytes(model, shape, batch) if batch and shape else 0
+
+
+def _plan(spec: str, input_shape: tuple[int, ...] | None, t: int, d: int, batch: int, workers: int,
+          baseline: int, device: str = "cpu") -> Any:
+    from trajstore.plan import plan
+
+    layout, acts = _layout(spec, input_shape, batch)
+    return plan(layout, t, d, workers=workers, baseline_bytes=baseline, activations=acts,
                 device="cuda" if device.startswith("cuda") else "cpu")
 
 

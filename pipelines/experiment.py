@@ -114,11 +114,11 @@ class ExperimentConfig:
 
     def with_overrides(self, **changes: Any) -> ExperimentConfig:
         """A copy with fields changed; strings are parsed to each field's type (``--set k=v``)."""
-        types = {f.name: f.default for f in fields(self)}
+        names = [f.name for f in fields(self)]
         parsed = {}
         for key, value in changes.items():
-            if key not in types:
-                raise ValueError(f"{type(self).__name__} has no field {key!r}; fields: {', '.join(types)}")
+            if key not in names:
+                raise ValueError(f"{type(self).__name__} has no field {key!r}; fields: {', '.join(names)}")
             parsed[key] = _parse(value, getattr(self, key)) if isinstance(value, str) else value
         return type(self)(**{**asdict(self), **parsed})
 

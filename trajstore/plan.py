@@ -257,10 +257,10 @@ def format_plan(p: Plan) -> str:
              f"host baseline {p.baseline_bytes / g:.2f} GiB",
              f"{'stage':<16} {'disk GiB':>9} {'host peak GiB':>14} {'GPU peak GiB':>13} {'read GB':>9} {'written GB':>11}"]
     for s in p.stages:
-        lines.append(f"{s.stage:<16} {s.disk_bytes / g:>9.3f} {s.host_peak_bytes / g:>14.3f} "
-                     f"{(s.gpu_peak_bytes / g if s.gpu_peak_bytes else float('nan')):>13.3f} "
+        gpu = f"{s.gpu_peak_bytes / g:.3f}" if s.gpu_peak_bytes else "-"
+        lines.append(f"{s.stage:<16} {s.disk_bytes / g:>9.3f} {s.host_peak_bytes / g:>14.3f} {gpu:>13} "
                      f"{s.read_bytes / 1e9:>9.3f} {s.write_bytes / 1e9:>11.3f}")
     lines.append("train: per-step reads for mmap/stream (U read three times: project, lift, residual lift; "
                  "one more lift per extra line-search trial). 'official basis': all snapshots in RAM + sklearn PCA.")
-    return "\n".join(line.replace(" nan", "   -") for line in lines)
+    return "\n".join(lines)
 

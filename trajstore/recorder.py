@@ -75,6 +75,7 @@ class Recorder:
         self._params, self._buffers = self.store.layout.check_model(model)
         self._host_params = [_host_like(p) for p in self._params]
         self._host_buffers = [_host_like(b) for b in self._buffers]
+        self._on_cuda = any(t.is_cuda for t in self._params + self._buffers)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="trajstore-recorder") if background else None
         self._pending: Future[int] | None = None
         self._count = len(self.store)
@@ -102,7 +103,7 @@ class Recorder:
         with torch.no_grad():
             for dst, src in zip(self._host_params + self._host_buffers, self._params + self._buffers):
                 dst.copy_(src.detach(), non_blocking=dst.is_pinned())
-        if any(p.is_cuda for p in self._params + self._buffers):
+        if self._on_cuda:
             torch.cuda.synchronize()
         self._copy += time.perf_counter() - started
         kwargs = {"step": step, "epoch": epoch, "lr": lr, "metrics": dict(metrics) if metrics else None,

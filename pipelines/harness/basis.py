@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .measure import available_bytes, drop_caches
+from .measure import available_bytes, drop_caches, peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "benchmarks"
@@ -97,11 +97,6 @@ def build_store(size: str, t: int, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- children (one measurement each)
-
-def _peak() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
 
 def child_trajstore(path: Path, d: int) -> dict[str, Any]:
     import zarr
@@ -224,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.child:
         result = CHILDREN[args.child](Path(args.store), args.d)
-        result["peak_rss_bytes"] = _peak()
+        result["peak_rss_bytes"] = peak_rss_bytes()
         print(json.dumps(result))
         return result
 
