@@ -106,10 +106,21 @@ class SafeUnpickler(pickle.Unpickler):
         canonical = module.replace("numpy.core.", "numpy._core.")  # numpy 1.x and 2.x spellings
         if (canonical, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file (only numpy arrays are allowed)")
+        if name == "dtype":
+            return _plain_dtype
         try:
             return getattr(importlib.import_module(canonical), name)
         except ImportError:  # numpy 1.x has no numpy._core
             return getattr(importlib.import_module(canonical.replace("numpy._core.", "numpy.core.")), name)
+
+
+def _plain_dtype(*args: Any) -> np.dtype:
+    """``numpy.dtype`` for the unpickler, refusing object dtypes: an object array's elements come
+    from the pickle stream itself, which is more than a CIFAR batch (uint8 pixels) ever holds."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing an array of dtype {dtype} in a data file (only plain numeric arrays)")
+    return dtype
 
 
 def _read_batch(path: Path, label_key: str, layout: str) -> tuple[np.ndarray, list[int]]:

@@ -78,3 +78,11 @@ def test_missing_cifar_names_the_expected_layout(tmp_path: Path) -> None:
         load("cifar100", root=None)
     with pytest.raises(ValueError, match="unknown data set 'svhn'"):
         load("svhn")
+
+
+def test_a_cifar_file_with_an_object_array_is_refused(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    objects = np.array([1, "a", None], dtype=object)  # elements unpickled from the stream itself
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": objects, "labels": []}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing an array of dtype object"):
+        load("cifar10", root=str(tmp_path))
