@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from ._checkpoint import BlockCheckpoint
     from .store import TrajectoryStore
 
-__all__ = ["BlockTask", "WindowReader", "block_tasks", "column_block", "snapshots_to_dask"]
+__all__ = ["BlockTask", "WindowReader", "block_size", "block_tasks", "column_block", "snapshots_to_dask"]
 
 
 def column_block(chunk_elems: int, rows: int, block_bytes: int, n: int) -> int:
@@ -134,18 +135,31 @@ class BlockTask:
 
 
 def block_tasks(store: TrajectoryStore, t0: int, t1: int, block_bytes: int,
-                func: Callable[..., Any], *args: Any) -> list[Any]:
+                func: Callable[..., Any], *args: Any, checkpoint: BlockCheckpoint | None = None,
+                shape: tuple[int, ...] = ()) -> list[Any]:
     """One dask task per chunk-aligned parameter block of snapshots ``[t0, t1)``, in block order.
 
     Each task returns ``sum(func(piece, c, *args, scratch=Scratch))`` over the pieces of its block,
-    with piece (t1 - t0, <= store.piece) float32 starting at parameter c.
+    with piece (t1 - t0, <= store.piece) float32 starting at parameter c. With ``checkpoint``, each
+    block's result (of ``shape``) is saved there when done and loaded instead of recomputed when a
+    restarted pass finds it.
     """
     import dask
 
+    from ._checkpoint import resumable
+
     block = column_block(store.chunk_elems, t1 - t0, block_bytes, store.n)
     task = BlockTask(WindowReader(store, t0, t1), block)
-    return [dask.delayed(task, pure=False)(c0, min(c0 + block, store.n), func, *args)
-            for c0 in range(0, store.n, block)]
+    starts = range(0, store.n, block)
+    if checkpoint is None:
+        return [dask.delayed(task, pure=False)(c0, min(c0 + block, store.n), func, *args) for c0 in starts]
+    return [dask.delayed(resumable, pure=False)(task, k, shape, checkpoint, c0, min(c0 + block, store.n), func, *args)
+            for k, c0 in enumerate(starts)]
+
+
+def block_size(store: TrajectoryStore, t0: int, t1: int, block_bytes: int) -> int:
+    """Parameters per block of :func:`block_tasks` (part of a pass's identity)."""
+    return column_block(store.chunk_elems, t1 - t0, block_bytes, store.n)
 
 
 def snapshots_to_dask(store: TrajectoryStore, t0: int, t1: int, block_bytes: int) -> Any:

@@ -21,6 +21,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import format_report, verify
+
+    report = verify(args.store, sources=not args.no_sources, progress=not args.json)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
 def _client(args: argparse.Namespace) -> object:
     if args.scheduler:
         from distributed import Client
@@ -169,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--rows", type=int, default=12, help="snapshots shown per trajectory (default 12)")
     info.set_defaults(func=_cmd_info)
+
+    verify_ = sub.add_parser("verify", help="check every chunk, commit and basis of a store (exit 1 if damaged)")
+    verify_.add_argument("store", help="store folder or fsspec URL")
+    verify_.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify_.add_argument("--no-sources", action="store_true",
+                         help="skip checking each basis against its window's snapshots (one pass per basis)")
+    verify_.set_defaults(func=_cmd_verify)
 
     basis = sub.add_parser("basis", help="compute the DLDR basis of a window of a trajectory")
     basis.add_argument("store", help="store folder or fsspec URL")

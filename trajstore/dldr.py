@@ -19,6 +19,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,9 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import _backend, _linalg, _progress
-from ._dask import Scratch, block_tasks
+from ._checkpoint import BlockCheckpoint
+from ._dask import Scratch, block_size, block_tasks
+from ._fingerprint import piece_fingerprints
 from .basis import BASES_ROOT, FORMAT_VERSION, Basis, basis_path, list_bases, open_basis
 from .errors import CorruptSnapshotError, InvalidStoreError, SnapshotIndexError
 from .store import TrajectoryStore
@@ -37,6 +40,8 @@ __all__ = ["DEFAULT_BLOCK_BYTES", "dldr", "gram_matrix"]
 # at least one chunk per snapshot (404 MiB); the float64 work inside a block is sub-blocked
 # (_linalg.SUB_BLOCK), so peak memory is about (workers + 1) blocks.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
+GRAM_PASS = "gram-pass"  # the Gram pass's block checkpoints, inside the trajectory's group
+BASIS_PASS = "pass"      # the basis pass's block checkpoints, inside the basis' group
 _CRC = {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": None,
         "config": {"write_empty_chunks": True}}
 
@@ -82,7 +87,7 @@ class _BasisWriter:
 def _basis_task(piece: np.ndarray, c: int, v_scaled: np.ndarray, writer: _BasisWriter,
                 scratch: Scratch | None = None) -> np.ndarray:
     """Writes the piece's rows of U and of the mean (whole chunks of U) and returns the partial
-    U^T U of the stored float32 values."""
+    U^T U of the stored float32 values (raveled) followed by the pieces' source fingerprints."""
     scratch = scratch or Scratch()
     t, m = piece.shape
     d = v_scaled.shape[1]
@@ -92,7 +97,7 @@ def _basis_task(piece: np.ndarray, c: int, v_scaled: np.ndarray, writer: _BasisW
     np.copyto(u32, u, casting="same_kind")
     writer.write(c, u32, mean.astype(np.float32))
     np.copyto(u, u32)  # U^T U is measured on what is stored
-    return u.T @ u
+    return np.concatenate([(u.T @ u).ravel(), piece_fingerprints(piece, c)])
 
 
 def _memory_basis_task(block: np.ndarray, v_scaled: np.ndarray) -> np.ndarray:
@@ -130,11 +135,30 @@ def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _gram_pass(store: TrajectoryStore, stop: int, first: int, client: Any, num_workers: int | None,
-               block_bytes: int, progress: bool) -> np.ndarray:
-    """Columns ``first..stop-1`` of the Gram matrix of snapshots ``[0, stop)``, relative to snapshot 0."""
-    tasks = block_tasks(store, 0, stop, block_bytes, _gram_task, first)
-    desc = f"Gram pass ({stop} snapshots, {len(tasks)} blocks)" if progress else None
+               block_bytes: int, progress: bool, checkpoint: BlockCheckpoint | None = None) -> np.ndarray:
+    """Columns ``first..stop-1`` of the Gram matrix of snapshots ``[0, stop)``, relative to snapshot 0.
+
+    With ``checkpoint``, finished blocks' partials are kept in the store: a killed pass restarted
+    with the same arguments computes only the blocks it had not finished."""
+    tasks = block_tasks(store, 0, stop, block_bytes, _gram_task, first, checkpoint=checkpoint,
+                        shape=(stop, stop - first))
+    resumed = checkpoint.prepare() if checkpoint is not None else 0
+    desc = None
+    if progress:
+        desc = f"Gram pass ({stop} snapshots, {len(tasks)} blocks" + (f", {resumed} done before)" if resumed else ")")
     return _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
+
+
+def _pass_checkpoint(zstore: zarr.abc.store.Store, path: str, identity: dict[str, Any]) -> BlockCheckpoint | None:
+    """A checkpoint for a pass, or None when the store cannot take one (a read-only backend)."""
+    checkpoint = BlockCheckpoint(zstore, path, identity)
+    try:
+        checkpoint.prepare()
+    except (PermissionError, OSError, ValueError) as e:
+        warnings.warn(f"no resume checkpoint for this pass ({type(e).__name__}: {e}); "
+                      "a killed pass will start again from the beginning", RuntimeWarning, stacklevel=3)
+        return None
+    return checkpoint
 
 
 # ------------------------------------------------------------------ the cached Gram matrix
@@ -198,7 +222,12 @@ def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any 
     if cached is not None and cached.shape[0] >= stop:
         return cached[:stop, :stop].copy()
     have = 0 if cached is None else cached.shape[0]
-    new = _gram_pass(store, stop, have, client, num_workers, block_bytes, progress)
+    checkpoint = None
+    if cache:
+        identity = {"kind": "gram", "stop": stop, "first": have, "n": store.n, "reference": 0,
+                    "block": block_size(store, 0, stop, block_bytes), "digest": _records_digest(store, stop)}
+        checkpoint = _pass_checkpoint(zstore, f"{store.prefix}/{GRAM_PASS}", identity)
+    new = _gram_pass(store, stop, have, client, num_workers, block_bytes, progress, checkpoint)
     if not np.all(np.isfinite(new)):
         raise CorruptSnapshotError(f"trajectory {store.name!r} in {store.url}: snapshots [0, {stop}) hold non-finite "
                                    "values under valid checksums (a damaged or hand-made store)")
@@ -209,6 +238,8 @@ def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any 
     gram[have:, :have] = new[:have].T
     if cache:
         _write_cached_gram(store, zstore, gram)
+    if checkpoint is not None:
+        checkpoint.clear()  # after the commit: a kill in between leaves only a stale checkpoint
     return gram
 
 
@@ -343,22 +374,62 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
     t0, t1 = source["start"], source["stop"]
     n = store.n
     u_rows = store.piece  # U chunks = the pieces the basis pass writes, whole; divides every block
+    v_scaled = v / sigma
+    # What makes the rows of U: a restarted pass resumes only an unfinished basis made of the same.
+    identity = {"kind": "basis", "d": d, "source": source, "u_chunk_rows": u_rows,
+                "block": block_size(store, t0, t1, block_bytes),
+                "v": hashlib.sha256(np.ascontiguousarray(v_scaled).tobytes()).hexdigest()}
     meta = _metadata(sigma, evals, n=n, start=t0, stop=t1, trajectory=store.name, name=name, source=source,
                      complete=False, created=time.time(), u_chunk_rows=u_rows)
-    root = zarr.open_group(zstore, mode="a", zarr_format=3)
-    bases = root.require_group(BASES_ROOT)
-    if name in bases:
-        del bases[name]
-    group = bases.create_group(name, attributes={"trajstore": {**meta, "orthonormality": float("inf")}})
-    group.create_array("U", shape=(n, d), chunks=(u_rows, d), dtype=np.float32, fill_value=np.nan, **_CRC)
-    group.create_array("mean", shape=(n,), chunks=(u_rows,), dtype=np.float32, fill_value=np.nan, **_CRC)
-    group.create_array("gram", shape=centred.shape, chunks=centred.shape, dtype=np.float64, fill_value=np.nan, **_CRC)
-    group["gram"][...] = centred
-    writer = _BasisWriter(zstore, basis_path(name), u_rows)
-    tasks = block_tasks(store, t0, t1, block_bytes, _basis_task, v / sigma, writer)
-    desc = f"basis pass ({t1 - t0} snapshots, {len(tasks)} blocks)" if progress else None
-    utu = _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
+    group = _unfinished_basis(zstore, name, identity, centred)
+    if group is None:
+        root = zarr.open_group(zstore, mode="a", zarr_format=3)
+        bases = root.require_group(BASES_ROOT)
+        if name in bases:
+            del bases[name]
+        group = bases.create_group(name, attributes={"trajstore": {**meta, "orthonormality": float("inf")},
+                                                     "trajstore_pass": identity})
+        group.create_array("U", shape=(n, d), chunks=(u_rows, d), dtype=np.float32, fill_value=np.nan, **_CRC)
+        group.create_array("mean", shape=(n,), chunks=(u_rows,), dtype=np.float32, fill_value=np.nan, **_CRC)
+        group.create_array("gram", shape=centred.shape, chunks=centred.shape, dtype=np.float64, fill_value=np.nan,
+                           **_CRC)
+        group["gram"][...] = centred
+    else:
+        meta["created"] = group.attrs["trajstore"].get("created", meta["created"])
+    path = basis_path(name)
+    checkpoint = _pass_checkpoint(zstore, f"{path}/{BASIS_PASS}", identity)
+    writer = _BasisWriter(zstore, path, u_rows)
+    tasks = block_tasks(store, t0, t1, block_bytes, _basis_task, v_scaled, writer, checkpoint=checkpoint,
+                        shape=(d * d + t1 - t0,))
+    resumed = checkpoint.prepare() if checkpoint is not None else 0
+    desc = None
+    if progress:
+        desc = f"basis pass ({t1 - t0} snapshots, {len(tasks)} blocks" + (f", {resumed} done before)" if resumed else ")")
+    total = _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
+    utu = total[:d * d].reshape(d, d)
     meta["orthonormality"] = float(np.abs(utu - np.eye(d)).max())
+    meta["source_fingerprints"] = [int(f) for f in total[d * d:]]
     meta["complete"] = True
+    if checkpoint is not None:
+        checkpoint.clear()  # before the mark: a complete basis holds U, mean and gram only
     group.update_attributes({"trajstore": meta})
     return open_basis(zstore, name)
+
+
+def _unfinished_basis(zstore: zarr.abc.store.Store, name: str, identity: dict[str, Any],
+                      centred: np.ndarray) -> zarr.Group | None:
+    """The group of an interrupted computation of this very basis, whose finished blocks can be
+    kept; None when there is none (or it was made of something else, or is damaged)."""
+    try:
+        group = _backend.open_group(zstore, basis_path(name), "r+")
+        doc = group.attrs.get("trajstore")
+        if not isinstance(doc, dict) or doc.get("complete") is not False or group.attrs.get("trajstore_pass") != identity:
+            return None
+        n, d = doc.get("n"), identity["d"]
+        if group["U"].shape != (n, d) or group["mean"].shape != (n,):
+            return None
+        if not np.array_equal(np.asarray(group["gram"][...]), centred):
+            return None
+    except Exception:  # missing arrays, a damaged document: start this basis afresh
+        return None
+    return group

@@ -753,14 +753,26 @@ class TrajectoryStore:
                     if spec.stop > b:
                         break
                     k += 1
-            if self._buffers is not None:
+            if buffers:
                 self._load_buffers(i, buffers)
         return model
 
     def _load_buffers(self, i: int, buffers: list[torch.Tensor]) -> None:
         import torch
 
-        assert self._buffers is not None
+        raw = self.buffer_bytes(i)
+        for spec, b in zip(self._static.layout.buffers, buffers):
+            if not spec.nbytes:
+                continue
+            src = torch.frombuffer(bytearray(raw[spec.offset:spec.stop].tobytes()), dtype=torch.uint8)
+            b.copy_(src.view(getattr(torch, spec.dtype)).reshape(spec.shape))
+
+    def buffer_bytes(self, i: int) -> np.ndarray:
+        """The raw bytes of snapshot ``i``'s persistent buffers (``layout.buffers`` at their offsets),
+        uint8 of shape (layout.buffer_nbytes,); empty for a model without buffers."""
+        i = self._index(i)
+        if self._buffers is None:
+            return np.empty(0, dtype=np.uint8)
         key = f"{self._prefix}/buffers/c/{i}/0"
         # The buffers' fill value (0) is a plausible value, so a missing chunk must be looked for.
         if not _backend.sync(self._zstore.exists(key)):
@@ -773,11 +785,7 @@ class TrajectoryStore:
             raise CorruptSnapshotError(
                 f"snapshot {i} of trajectory {self._name!r} in {self._where}: its buffers failed to decode ({e})"
             ) from e
-        for spec, b in zip(self._static.layout.buffers, buffers):
-            if not spec.nbytes:
-                continue
-            src = torch.frombuffer(bytearray(raw[spec.offset:spec.stop].tobytes()), dtype=torch.uint8)
-            b.copy_(src.view(getattr(torch, spec.dtype)).reshape(spec.shape))
+        return raw
 
     def rng_state(self, i: int) -> torch.Tensor | None:
         """torch's CPU RNG state recorded with snapshot ``i`` (``append(..., rng_state=True)``)."""

@@ -1,0 +1,410 @@
+"""Check a whole store: every chunk's checksum, the metadata, the commits and the bases (``trajstore verify``).
+
+What is checked, per trajectory: its metadata parses and matches its arrays (layout, dtype, chunks,
+committed count), every chunk of every committed snapshot is present, has its size and passes its
+crc32c checksum, every snapshot's buffers chunk is present and decodes, recorded RNG states
+decode, and the cached Gram matrix is current. Per basis: it is complete, its metadata and
+arrays agree, every chunk of U and of the mean is present and passes its checksum, its stored
+centred Gram matrix has the recorded singular values, and, in one streaming pass over its window,
+that it still matches the snapshots it was made from: their content fingerprints (recorded when
+the basis was computed), the mean, ``U^T U = I`` and ``U^T (W - mean) (W - mean)^T U = Sigma^2``.
+
+Findings are errors (data is damaged or inconsistent: a result built on it would be wrong) or
+warnings (left-overs of interrupted work that the library recovers from by itself: an uncommitted
+row, block checkpoints of a killed pass, an incomplete basis, stray temporary files).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+
+from . import _backend, _linalg
+from ._backend import StoreLike, describe
+from ._fingerprint import piece_fingerprints
+from .basis import BASES_ROOT, Basis, basis_path, list_bases, open_basis, validate_meta
+from .errors import CorruptSnapshotError, TrajstoreError
+from .store import TrajectoryStore, _read_root
+
+__all__ = ["Finding", "VerifyReport", "format_report", "verify"]
+
+# Tolerances of the basis checks. A float32 basis of d <= 100 directions has max |U^T U - I| of
+# about 1e-6 (measured: 4e-7 to 3e-6 from n = 1e3 to 5.6e7); the bars sit two orders above what
+# float32 rounding gives, and far below what a basis of other data gives (order 1).
+ORTHONORMALITY_TOL = 1e-4
+SPECTRUM_TOL = 1e-4        # max |U^T Wc Wc^T U - Sigma^2| / sigma_1^2
+MEAN_TOL = 1e-6            # |mean_stored - mean| / |mean| (float32 rounding: 6e-8)
+SINGULAR_VALUE_TOL = 1e-6  # recorded sigma vs. the stored Gram matrix's, relative to sigma_1
+MAX_LISTED = 20            # findings of one kind listed per trajectory or basis before a summary
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong with a store. ``level``: ``"error"`` (damage) or ``"warning"`` (left-overs)."""
+
+    level: Literal["error", "warning"]
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level.upper()}: {self.where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found; ``ok`` when there is no error (warnings allowed)."""
+
+    store: str
+    findings: list[Finding] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=lambda: {
+        "trajectories": 0, "snapshots": 0, "chunks": 0, "bases": 0, "basis_chunks": 0})
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    def add(self, level: Literal["error", "warning"], where: str, message: str) -> None:
+        self.findings.append(Finding(level, where, message))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"store": self.store, "ok": self.ok, "checked": dict(self.checked),
+                "findings": [{"level": f.level, "where": f.where, "message": f.message} for f in self.findings]}
+
+
+class _Limited:
+    """Adds findings of one kind to a report, listing the first MAX_LISTED and counting the rest."""
+
+    def __init__(self, report: VerifyReport, where: str) -> None:
+        self._report, self._where, self.count = report, where, 0
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if self.count <= MAX_LISTED:
+            self._report.add("error", self._where, message)
+
+    def close(self, what: str) -> None:
+        if self.count > MAX_LISTED:
+            self._report.add("error", self._where, f"... and {self.count - MAX_LISTED} more {what}")
+
+
+def verify(url: StoreLike, *, storage_options: dict[str, Any] | None = None, sources: bool = True,
+           progress: bool = False) -> VerifyReport:
+    """Check every chunk, commit and basis of a store; see the module docstring for the list.
+
+    Parameters
+    ----------
+    url : str, path or zarr Store
+        The store (opened read-only: verify writes nothing).
+    sources : bool
+        Also check each basis against the snapshots of its window (a streaming pass per basis).
+    progress : bool
+        Show a progress bar per trajectory and basis.
+
+    Notes
+    -----
+    I/O: every committed chunk is read once, every basis is read once, and with ``sources`` each
+    basis' window once more. Memory: one chunk, plus a pass's blocks (as in :func:`trajstore.dldr`)
+    and d x t matrices.
+    """
+    zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
+    report = VerifyReport(describe(url))
+    try:
+        root = _read_root(zstore, report.store)
+        names = TrajectoryStore._names(root)
+    except TrajstoreError as e:
+        report.add("error", report.store, str(e))
+        return report
+    except Exception as e:  # a store too damaged for Zarr to list
+        report.add("error", report.store, f"cannot read the store's groups ({type(e).__name__}: {e})")
+        return report
+    stores: dict[str, TrajectoryStore] = {}
+    for name in names:
+        store = _check_trajectory(zstore, name, report, progress)
+        if store is not None:
+            stores[name] = store
+    for name in _basis_names(zstore, report):
+        _check_basis(zstore, name, stores, report, sources, progress)
+    _stray_files(zstore, report)
+    return report
+
+
+# ------------------------------------------------------------------ trajectories
+
+def _check_trajectory(zstore: zarr.abc.store.Store, name: str, report: VerifyReport,
+                      progress: bool) -> TrajectoryStore | None:
+    where = f"trajectory {name!r}"
+    try:
+        store = TrajectoryStore.open(zstore, "r", trajectory=name)
+    except TrajstoreError as e:
+        report.add("error", where, str(e))
+        return None
+    except Exception as e:
+        report.add("error", where, f"cannot be opened ({type(e).__name__}: {e})")
+        return None
+    report.checked["trajectories"] += 1
+    report.checked["snapshots"] += len(store)
+    damaged = _scan_snapshots(store, report, where, progress)
+    _check_records(store, report, where)
+    _uncommitted_rows(zstore, store, report, where)
+    _check_gram_cache(store, report, where)
+    return None if damaged else store
+
+
+def _scan_snapshots(store: TrajectoryStore, report: VerifyReport, where: str, progress: bool) -> int:
+    """Read every chunk of every committed snapshot once; returns how many were damaged."""
+    chunk, n = store.chunk_elems, store.n
+    starts = range(0, n, chunk)
+    out = np.empty((1, min(chunk, n)), dtype=np.float32)
+    bad = _Limited(report, where)
+    bar = _bar(progress, len(store) * len(starts), f"verify {where}")
+    for r in range(len(store)):
+        for a in starts:
+            b = min(a + chunk, n)
+            try:
+                store.read_rows(slice(r, r + 1), slice(a, b), out=out[:, :b - a])
+            except CorruptSnapshotError as e:
+                bad.add(str(e))
+            report.checked["chunks"] += 1
+            if bar is not None:
+                bar.update(1)
+        try:
+            store.buffer_bytes(r)
+        except CorruptSnapshotError as e:
+            bad.add(str(e))
+    if bar is not None:
+        bar.close()
+    bad.close("damaged chunks")
+    return bad.count
+
+
+def _check_records(store: TrajectoryStore, report: VerifyReport, where: str) -> None:
+    for i in range(len(store)):
+        try:
+            store.rng_state(i)
+        except ValueError as e:  # not base64
+            report.add("error", where, f"snapshot {i}: its recorded RNG state does not decode ({e})")
+
+
+def _uncommitted_rows(zstore: zarr.abc.store.Store, store: TrajectoryStore, report: VerifyReport, where: str) -> None:
+    try:
+        rows = zarr.open_array(zstore, path=f"{store.prefix}/params", mode="r").shape[0]
+    except Exception:
+        return  # the trajectory opened, so its array did too; nothing more to say here
+    if rows > len(store):
+        report.add("warning", where, f"array rows [{len(store)}, {rows}) hold no committed snapshot "
+                   "(an interrupted append; the next append overwrites them)")
+
+
+def _check_gram_cache(store: TrajectoryStore, report: VerifyReport, where: str) -> None:
+    from .dldr import GRAM_PASS, _read_cached_gram
+
+    zstore = store.zarr_store
+    if _exists_group(zstore, f"{store.prefix}/gram"):
+        try:
+            cached = _read_cached_gram(store, zstore)
+        except Exception as e:
+            cached = None
+            report.add("warning", where, f"the cached Gram matrix does not decode ({type(e).__name__}: {e}); "
+                       "the next basis computation recomputes it")
+        else:
+            if cached is None:
+                report.add("warning", where, "the cached Gram matrix is stale or damaged; "
+                           "the next basis computation recomputes it")
+        if cached is not None and not np.array_equal(cached, cached.T):
+            report.add("error", where, "the cached Gram matrix is not symmetric")
+    if _exists_group(zstore, f"{store.prefix}/{GRAM_PASS}"):
+        report.add("warning", where, "block checkpoints of an interrupted Gram pass (the next run resumes from them)")
+
+
+def _exists_group(zstore: zarr.abc.store.Store, path: str) -> bool:
+    return bool(_backend.sync(zstore.exists(f"{path}/zarr.json")))
+
+
+# ------------------------------------------------------------------ bases
+
+def _basis_names(zstore: zarr.abc.store.Store, report: VerifyReport) -> list[str]:
+    try:
+        return list_bases(zstore)
+    except Exception as e:
+        report.add("error", BASES_ROOT, f"cannot list the bases ({type(e).__name__}: {e})")
+        return []
+
+
+def _check_basis(zstore: zarr.abc.store.Store, name: str, stores: dict[str, TrajectoryStore],
+                 report: VerifyReport, sources: bool, progress: bool) -> None:
+    where = f"basis {name!r}"
+    try:
+        group = _backend.open_group(zstore, basis_path(name), "r")
+        meta = validate_meta(group.attrs.get("trajstore"), name)
+    except TrajstoreError as e:
+        report.add("error", where, str(e))
+        return
+    except Exception as e:
+        report.add("error", where, f"cannot be opened ({type(e).__name__}: {e})")
+        return
+    if meta.get("complete") is not True:
+        report.add("warning", where, "incomplete: its computation was interrupted (computing it again resumes it)")
+        return
+    try:
+        basis = open_basis(zstore, name)
+    except TrajstoreError as e:
+        report.add("error", where, str(e))
+        return
+    report.checked["bases"] += 1
+    if _scan_basis(group, basis, report, where, progress):
+        return
+    _check_spectrum(basis, report, where)
+    if not sources:
+        return
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    store = stores.get(str(source.get("trajectory", meta.get("trajectory"))))
+    if store is None:
+        report.add("error", where, f"its source trajectory {meta.get('trajectory')!r} is missing or damaged; "
+                   "the basis cannot be checked against it")
+        return
+    _check_source(store, basis, meta, report, where, progress)
+
+
+def _scan_basis(group: zarr.Group, basis: Basis, report: VerifyReport, where: str, progress: bool) -> int:
+    """Read every chunk of U and of the mean; returns how many were damaged or missing."""
+    bad = _Limited(report, where)
+    rows = group["U"].chunks[0]
+    bar = _bar(progress, -(-basis.n // rows), f"verify {where}")
+    for a in range(0, basis.n, rows):
+        b = min(a + rows, basis.n)
+        for key in ("U", "mean"):
+            try:
+                values = np.asarray(group[key][a:b])
+            except Exception as e:
+                bad.add(f"{key} rows [{a}, {b}) failed to decode ({type(e).__name__}: {e})")
+                continue
+            if not np.isfinite(values.sum(dtype=np.float64)):
+                bad.add(f"{key} rows [{a}, {b}) read as non-finite (a missing chunk)")
+            report.checked["basis_chunks"] += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    bad.close("damaged chunks")
+    return bad.count
+
+
+def _check_spectrum(basis: Basis, report: VerifyReport, where: str) -> None:
+    gram = basis.centred_gram
+    if not np.all(np.isfinite(gram)) or not np.allclose(gram, gram.T, rtol=0, atol=1e-12 * np.abs(gram).max()):
+        report.add("error", where, "its stored centred Gram matrix is not finite and symmetric")
+        return
+    sigma = _linalg.top_eigenpairs(gram, basis.d)[0]
+    err = float(np.abs(sigma - basis.singular_values).max() / max(sigma[0], np.finfo(float).tiny))
+    if err > SINGULAR_VALUE_TOL:
+        report.add("error", where, f"its recorded singular values differ from its stored Gram matrix's "
+                   f"(relative {err:.1e} > {SINGULAR_VALUE_TOL:.0e})")
+
+
+def _source_task(piece: np.ndarray, c: int, u: zarr.Array, mean: zarr.Array, scratch: Any = None) -> np.ndarray:
+    """[fingerprints (t), |mean_s - mean|^2, |mean|^2, U^T U (d^2), U^T (W - mean) (d t)] of one piece."""
+    m = piece.shape[1]
+    rows = np.asarray(u[c:c + m], dtype=np.float64)
+    stored_mean = np.asarray(mean[c:c + m], dtype=np.float64)
+    own_mean = piece.mean(axis=0, dtype=np.float64)
+    centred = piece - own_mean  # float64 (t, m)
+    diff = float(np.square(stored_mean - own_mean).sum())
+    return np.concatenate([piece_fingerprints(piece, c), [diff, float(np.square(own_mean).sum())],
+                           (rows.T @ rows).ravel(), (rows.T @ centred.T).ravel()])
+
+
+def _check_source(store: TrajectoryStore, basis: Basis, meta: dict[str, Any], report: VerifyReport, where: str,
+                  progress: bool) -> None:
+    from ._dask import block_tasks
+    from .dldr import DEFAULT_BLOCK_BYTES, _compute_ordered, _sum_in_order
+
+    t0, t1, d, t = basis.start, basis.stop, basis.d, basis.t
+    if t1 > len(store) or basis.n != store.n:
+        report.add("error", where, f"its window [{t0}, {t1}) of n = {basis.n} is not in trajectory {store.name!r} "
+                   f"(t = {len(store)}, n = {store.n})")
+        return
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if source.get("layout") not in (None, store.layout.fingerprint):
+        report.add("error", where, "its source's parameter layout differs from the trajectory's now")
+    group = _backend.open_group(store.zarr_store, basis_path(basis.name or ""), "r")
+    tasks = block_tasks(store, t0, t1, DEFAULT_BLOCK_BYTES, _source_task, group["U"], group["mean"])
+    try:
+        total = _sum_in_order(_compute_ordered(tasks, None, None, f"verify {where} against its source" if progress else None))
+    except CorruptSnapshotError as e:
+        report.add("error", where, f"its source cannot be read: {e}")
+        return
+    fingerprints, (diff, norm) = total[:t], total[t:t + 2]
+    utu = total[t + 2:t + 2 + d * d].reshape(d, d)
+    coords = total[t + 2 + d * d:].reshape(d, t)
+    recorded = meta.get("source_fingerprints")
+    if isinstance(recorded, list) and len(recorded) == t:
+        changed = [t0 + j for j in range(t) if recorded[j] != int(fingerprints[j])]
+        if changed:
+            listed = ", ".join(map(str, changed[:MAX_LISTED])) + (" ..." if len(changed) > MAX_LISTED else "")
+            report.add("error", where, f"snapshots {listed} of trajectory {store.name!r} changed since the basis "
+                       "was computed from them (content fingerprints differ)")
+    else:
+        report.add("warning", where, "no content fingerprints recorded (a basis from an older trajstore); "
+                   "checked against its source by its spectrum only")
+    ortho = float(np.abs(utu - np.eye(d)).max())
+    if ortho > max(ORTHONORMALITY_TOL, 10 * basis.orthonormality):
+        report.add("error", where, f"max |U^T U - I| = {ortho:.1e} (recorded {basis.orthonormality:.1e}): "
+                   "U is not orthonormal")
+    mean_err = float(np.sqrt(diff / max(norm, np.finfo(float).tiny)))
+    if mean_err > MEAN_TOL:
+        report.add("error", where, f"its stored mean differs from the mean of its window by {mean_err:.1e} "
+                   f"(relative, > {MEAN_TOL:.0e})")
+    sigma2 = basis.singular_values**2
+    spectrum_err = float(np.abs(coords @ coords.T - np.diag(sigma2)).max() / max(sigma2[0], np.finfo(float).tiny))
+    if spectrum_err > SPECTRUM_TOL:
+        report.add("error", where, f"U does not hold its window's principal directions: "
+                   f"max |U^T Wc Wc^T U - Sigma^2| / sigma_1^2 = {spectrum_err:.1e} (> {SPECTRUM_TOL:.0e})")
+
+
+# ------------------------------------------------------------------ left-overs
+
+def _stray_files(zstore: zarr.abc.store.Store, report: VerifyReport) -> None:
+    """Temporary files of writes a killed process never renamed (local folders only)."""
+    root = _backend.local_root(zstore)
+    if root is None:
+        return
+    count, nbytes = 0, 0
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".partial"):
+                count += 1
+                nbytes += os.path.getsize(os.path.join(folder, f))
+    if count:
+        report.add("warning", report.store, f"{count} temporary files ({nbytes} bytes) left by killed writers "
+                   "(`*.partial`; safe to delete while no writer runs)")
+
+
+def _bar(progress: bool, total: int, desc: str) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk")
+
+
+def format_report(report: VerifyReport) -> str:
+    """The report as text: what was checked, then every finding, then the verdict."""
+    c = report.checked
+    lines = [f"{report.store}: {c['trajectories']} trajectories, {c['snapshots']} snapshots, {c['chunks']} chunks, "
+             f"{c['bases']} bases ({c['basis_chunks']} chunks) checked"]
+    lines += [str(f) for f in report.findings]
+    verdict = "OK" if report.ok else f"DAMAGED: {len(report.errors)} errors"
+    lines.append(f"{verdict}, {len(report.warnings)} warnings")
+    return "\n".join(lines)
