@@ -202,3 +202,27 @@ def test_a_damaged_block_checkpoint_is_recomputed(trajectory: Path, tmp_path: Pa
     (path / "trajectories" / "default" / GRAM_PASS / "b5" / "c" / "0" / "0").unlink()  # block 5's is gone
     again = _gram_pass(store, T, 0, None, 1, BLOCK_BYTES, False, checkpoint)
     assert again.tobytes() == reference.tobytes()  # damaged partials are recomputed, never summed
+
+
+def test_an_overwrite_killed_while_deleting_leaves_no_complete_basis(trajectory: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "overwrite.zarr"
+    shutil.copytree(trajectory, path)
+    trajstore.dldr(str(path), D, block_bytes=2**20)
+    name = f"default-0-{T}-d{D}"
+
+    class Killed(BaseException):
+        pass
+
+    def delete_some_then_die(self: zarr.Group, key: str) -> None:
+        shutil.rmtree(path / "bases" / key / "U")  # part of the old basis is gone when the process dies
+        raise Killed
+
+    monkeypatch.setattr(zarr.Group, "__delitem__", delete_some_then_die)
+    with pytest.raises(Killed):
+        trajstore.dldr(str(path), D, block_bytes=2**20, overwrite=True)
+    with pytest.raises(InvalidStoreError, match="incomplete"):
+        open_basis(str(path), name)  # marked incomplete before the deletion began
+    monkeypatch.undo()
+    basis = trajstore.dldr(str(path), D, block_bytes=2**20)  # and the same command recomputes it
+    assert basis.orthonormality < 1e-5

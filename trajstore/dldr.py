@@ -386,6 +386,7 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
         root = zarr.open_group(zstore, mode="a", zarr_format=3)
         bases = root.require_group(BASES_ROOT)
         if name in bases:
+            _unmark(bases[name])
             del bases[name]
         group = bases.create_group(name, attributes={"trajstore": {**meta, "orthonormality": float("inf")},
                                                      "trajstore_pass": identity})
@@ -414,6 +415,14 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
         checkpoint.clear()  # before the mark: a complete basis holds U, mean and gram only
     group.update_attributes({"trajstore": meta})
     return open_basis(zstore, name)
+
+
+def _unmark(group: Any) -> None:
+    """Mark a basis incomplete (one atomic write) before deleting it: a deletion killed halfway,
+    which removes keys in no set order, must not leave a 'complete' basis with chunks missing."""
+    doc = group.attrs.get("trajstore") if isinstance(group, zarr.Group) else None
+    if isinstance(doc, dict) and doc.get("complete"):
+        group.update_attributes({"trajstore": {**doc, "complete": False}})
 
 
 def _unfinished_basis(zstore: zarr.abc.store.Store, name: str, identity: dict[str, Any],
