@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import save_json
 from .harness.measure import PeakMemory, available_bytes, drop_caches, du
 
 __all__ = ["floor_bounds", "main", "measure_floor"]
@@ -441,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        save_json(result, Path(args.out))
         print(f"wrote {args.out}")
     return 0
 

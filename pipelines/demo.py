@@ -7,7 +7,6 @@ Runs in seconds on a CPU with data generated on the spot (a seeded Gaussian mixt
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from trajstore import TrajectoryStore, dldr
 from trajstore.info import format_info, store_info
 from trajstore.plots import plot_basis
 
+from .atomic import save_json
 from .provenance import provenance
 
 
@@ -92,6 +92,6 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
               "basis": {"name": basis.name, "d": basis.d, "singular_values": basis.singular_values.tolist(),
                         "explained_variance_ratio": evr.tolist(), "residuals": basis.residuals().tolist(),
                         "orthonormality": basis.orthonormality}}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    save_json(result, out / "results.json")
     print(f"wrote {out / 'results.json'}")
     return result

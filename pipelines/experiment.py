@@ -8,6 +8,7 @@ A run folder holds one folder per seed::
     OUT/config.json                 the config the folder belongs to (a different one is refused)
     OUT/seed-S/trajectory.zarr      the SGD trajectory and its DLDR basis
     OUT/seed-S/sgd.json             the SGD run: per-epoch losses and accuracies, sampling overhead
+    OUT/seed-S/sgd.pt               the SGD run's final model (state_dict)
     OUT/seed-S/METHOD.json          one subspace run (pbfgs, pbfgs+, psgd); METHOD.pt its model
     OUT/seed-S/projection.json      Figure 2b: accuracy of each snapshot and of its projection
     OUT/seed-S/*.ckpt.pt            per-epoch checkpoints of the stage in progress
@@ -16,14 +17,15 @@ A run folder holds one folder per seed::
 Resuming: a stage whose ``.json`` exists is done and is read back; a stage with a checkpoint
 continues after its last finished epoch. Every epoch reseeds torch from (seed, stage, epoch), so
 a resumed stage draws the same batches, augmentations and dropout masks as an uninterrupted one
-and, on a CPU, produces the same bytes.
+and, on a CPU, produces the same bytes. Every file is written under a temporary name and renamed
+(``pipelines/atomic.py``), a stage's ``.json`` last, so a run killed at any moment (SIGKILL
+included) leaves each file whole or absent and resumes with the same command.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 import zlib
@@ -43,6 +45,7 @@ from trajstore import TrajectoryStore, dldr
 from trajstore.recorder import Recorder
 
 from . import data as datasets
+from .atomic import save_json, save_torch
 from .models import build_model
 
 __all__ = ["METHODS", "ExperimentConfig", "run", "run_seed", "sample", "compute_basis", "train_subspace",
@@ -213,12 +216,11 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # a reader, or a resumed run, sees the old file or the new one, never half of one
     if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=2))
+        save_json(obj, path)
     else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+        save_torch(obj, path)
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -257,9 +259,11 @@ def _sampler(cfg: ExperimentConfig, model: nn.Module) -> tuple[torch.optim.Optim
 def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None = None) -> dict[str, Any]:
     """Train with SGD (or Adam) for ``cfg.epochs`` epochs, recording snapshots into
     ``folder/trajectory.zarr`` during the first ``cfg.sample_epochs`` (snapshot 0 = the
-    initialization). Writes ``folder/sgd.json``; resumes from ``folder/sgd.ckpt.pt``."""
+    initialization). Writes ``folder/sgd.pt`` (the final model's state_dict) and then
+    ``folder/sgd.json``; resumes from ``folder/sgd.ckpt.pt``."""
     done, ckpt_path = folder / "sgd.json", folder / "sgd.ckpt.pt"
     if done.exists():
+        ckpt_path.unlink(missing_ok=True)  # a run killed between the two left it
         return json.loads(done.read_text())
     setup = setup or _Setup(cfg, seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -322,6 +326,7 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
                            "overhead_seconds": rec["copy"] + rec["wait"],
                            "overhead_fraction": (rec["copy"] + rec["wait"]) / max(state["seconds"], 1e-9)},
               **_peak_memory(setup.device)}
+    _save_atomic(model.state_dict(), folder / "sgd.pt")  # the baseline's final model
     _save_atomic(result, done)
     ckpt_path.unlink(missing_ok=True)
     return result
@@ -373,6 +378,7 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
     batch_size = batch_size or cfg.subspace_batch_size
     done, ckpt_path = folder / f"{tag}.json", folder / f"{tag}.ckpt.pt"
     if done.exists():
+        ckpt_path.unlink(missing_ok=True)  # a run killed between the two left it
         return json.loads(done.read_text())
     setup = setup or _Setup(cfg, seed)
     model = setup.model()

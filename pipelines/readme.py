@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .report import LABELS
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -48,7 +49,7 @@ def update(readme: Path, runs: list[Path], command: str) -> str:
     block = f"{BEGIN}\n<!-- written by `{command}` -->\n\n{table(results)}\n{END}"
     head, rest = text.split(BEGIN, 1)
     new = head + block + rest.split(END, 1)[1]
-    readme.write_text(new)
+    write_text(readme, new)
     return block
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .atomic import save_figure, save_json
 from .provenance import provenance
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def write_report(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], wall_sec
               "summary": summary, "curves": curves,
               "explained_variance_ratio": {"mean": evr.mean(axis=0).tolist(), "explained_mean": float(evr.sum(axis=1).mean())},
               "figures": [p.name for p in figures], "seeds": per_seed}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    save_json(result, out / "results.json")  # last: a results.json that exists is a finished run
     print(format_table(cfg, summary, len(per_seed)))
     print(f"wrote {out / 'results.json'} and {', '.join(p.name for p in figures)} ({wall_seconds:.0f} s)")
     return result
@@ -99,7 +99,7 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     _pyplot().close(fig)
     return path
 

@@ -3,6 +3,8 @@ raised where the training loop sees them, and a reopened trajectory that goes on
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 
 from conftest import cnn, flat_params, train_steps
 from trajstore import LayoutMismatchError, NonFiniteError, Recorder, StoreExistsError, TrajectoryStore
+from trajstore.errors import InvalidStoreError
 
 
 def test_background_snapshots_equal_synchronous_appends(tmp_path: Path) -> None:
@@ -100,6 +103,40 @@ def test_resume_goes_on_and_a_new_recorder_does_not_overwrite(tmp_path: Path) ->
     assert [r["step"] for r in TrajectoryStore.open(tmp_path / "t.zarr").records] == [0, 1, 2]
     with pytest.raises(LayoutMismatchError):
         Recorder(tmp_path / "t.zarr", torch.nn.Linear(3, 3), resume=True)
+
+
+def _drop_commit(path: Path) -> None:
+    """Make the trajectory look as a creation killed before its first commit record leaves it."""
+    meta_path = path / "trajectories" / "default" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["trajstore_commit"]
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_resume_after_a_creation_killed_before_its_first_commit(tmp_path: Path) -> None:
+    # Regression (issue #7, kill anywhere): a 'trajstore sample' killed inside
+    # TrajectoryStore.create could never be resumed; every restart raised InvalidStoreError.
+    model = cnn(0)
+    TrajectoryStore.create(tmp_path / "t.zarr", model).close()
+    _drop_commit(tmp_path / "t.zarr")
+    with pytest.raises(InvalidStoreError, match="never completed"):
+        TrajectoryStore.open(tmp_path / "t.zarr")  # the half-created trajectory is not readable
+    with Recorder(tmp_path / "t.zarr", model, resume=True, background=False) as rec:
+        assert len(rec) == 1  # created anew, with snapshot 0
+        rec.snapshot(step=1)
+    assert [r["step"] for r in TrajectoryStore.open(tmp_path / "t.zarr").records] == [0, 1]
+
+
+def test_resume_does_not_replace_a_damaged_committed_trajectory(tmp_path: Path) -> None:
+    model = cnn(0)
+    with Recorder(tmp_path / "t.zarr", model, background=False) as rec:
+        rec.snapshot(step=1)
+    shutil.rmtree(tmp_path / "t.zarr" / "trajectories" / "default" / "params")
+    with pytest.raises(InvalidStoreError, match="arrays are missing"):
+        Recorder(tmp_path / "t.zarr", model, resume=True)  # raised as found, not created anew
+    # the commit record still names both snapshots: nothing was overwritten
+    meta = json.loads((tmp_path / "t.zarr" / "trajectories" / "default" / "zarr.json").read_text())
+    assert meta["attributes"]["trajstore_commit"]["count"] == 2
 
 
 def test_rng_state_is_the_one_at_the_snapshot_call(tmp_path: Path) -> None:

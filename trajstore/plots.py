@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ def plot_basis(basis: Basis, path: str | Path) -> Path:
     fig.suptitle(f"basis {basis.name or ''} (trajectory {basis.trajectory!r}, n = {basis.n:,})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)  # a reader sees the old figure or the new one, never half of one
     plt.close(fig)
     return path

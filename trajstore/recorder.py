@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ._backend import StoreLike
+from .errors import InvalidStoreError, NotAStoreError, StoreExistsError
 from .store import DEFAULT_TRAJECTORY, TrajectoryStore
 
 __all__ = ["Recorder"]
@@ -49,7 +50,8 @@ class Recorder:
     trajectory : str
         Trajectory name when the recorder creates or opens the store.
     resume : bool
-        Reopen an existing trajectory instead of refusing to overwrite it.
+        Reopen an existing trajectory instead of refusing to overwrite it (one whose creation was
+        interrupted before its first commit is created anew).
     create_options : mapping, optional
         ``storage_dtype``, ``chunk_bytes``, ``attrs``, ``durable``, ``storage_options``.
 
@@ -68,8 +70,7 @@ class Recorder:
         if isinstance(store, TrajectoryStore):
             self.store = store
         elif resume and trajectory in _existing(store, create_options):
-            self.store = TrajectoryStore.open(store, "a", trajectory=trajectory,
-                                              storage_options=(create_options or {}).get("storage_options"))
+            self.store = _reopen(store, model, trajectory, create_options)
         else:
             self.store = TrajectoryStore.create(store, model, trajectory=trajectory, **dict(create_options or {}))
         self._params, self._buffers = self.store.layout.check_model(model)
@@ -163,9 +164,22 @@ def _host_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
 
 
-def _existing(store: StoreLike, create_options: Mapping[str, Any] | None) -> list[str]:
-    from .errors import NotAStoreError
+def _reopen(store: StoreLike, model: torch.nn.Module, trajectory: str,
+            create_options: Mapping[str, Any] | None) -> TrajectoryStore:
+    """The trajectory open for appending. One whose creation was killed before its first commit
+    record holds nothing and is created anew (``create`` replaces only such a trajectory); any
+    other damage is raised as found."""
+    options = dict(create_options or {})
+    try:
+        return TrajectoryStore.open(store, "a", trajectory=trajectory, storage_options=options.get("storage_options"))
+    except InvalidStoreError as damaged:
+        try:
+            return TrajectoryStore.create(store, model, trajectory=trajectory, **options)
+        except StoreExistsError:
+            raise damaged from None  # it had been committed: not ours to replace
 
+
+def _existing(store: StoreLike, create_options: Mapping[str, Any] | None) -> list[str]:
     try:
         return TrajectoryStore.list_trajectories(store, storage_options=(create_options or {}).get("storage_options"))
     except NotAStoreError:

@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..atomic import save_figure, write_text
 from . import append, basis, step
 from .measure import write_result
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                plot_memory_vs_t(windows, out / "memory_vs_t.png"),
                plot_time_vs_floor(sizes["rows"], out / "time_vs_floor.png")]
     tables = format_tables(appended, sizes, windows, stepped)
-    (out / "goals.md").write_text(tables + "\n")
+    write_text(out / "goals.md", tables + "\n")
     print("\n" + tables)
     result = {"append": appended, "basis": sizes["rows"], "memory_vs_t": windows, "step": stepped,
               "figures": [f.name for f in figures], "tables": tables}
@@ -129,7 +130,7 @@ def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     _pyplot().close(fig)
     return path
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import threading
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipelines.atomic import save_json
 
 __all__ = ["PeakMemory", "available_bytes", "drop_caches", "du", "measure_peak", "median", "peak_rss_bytes",
            "raw_write_speed", "reset_peak", "rss_bytes", "write_result"]
@@ -75,7 +76,7 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     from pipelines.provenance import provenance
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**result, "provenance": provenance()}, indent=2))
+    save_json({**result, "provenance": provenance()}, path)
 
 
 def _status() -> dict[str, int]:
