@@ -148,3 +148,21 @@ def test_writer_left_open_does_not_hang_interpreter_exit(tmp_path: Path) -> None
     assert proc.returncode == 0 and "appended" in proc.stdout, proc.stderr
     with TrajectoryStore.open(tmp_path / "h.zarr", "a") as store:  # and the lock went with the process
         assert len(store) == 1
+
+
+def test_a_creation_killed_while_writing_its_first_key_can_be_created_again(tmp_path: Path) -> None:
+    # Regression (found by the kill tests): Zarr writes the root zarr.json to a temporary file
+    # first; a kill there left only that file, and every later create refused the folder as
+    # "holding data that is not a trajstore store".
+    path = tmp_path / "killed.zarr"
+    path.mkdir()
+    (path / "zarr.json.3f2a9c.partial").write_bytes(b'{"zarr_for')
+    with TrajectoryStore.create(path, torch.nn.Linear(2, 2)) as store:
+        store.append(torch.nn.Linear(2, 2))
+    assert len(TrajectoryStore.open(path)) == 1  # created over the left-over temporary file
+    other = tmp_path / "foreign"
+    other.mkdir()
+    (other / "zarr.json.3f2a9c.partial").write_bytes(b"x")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a trajstore store"):
+        TrajectoryStore.create(other, torch.nn.Linear(2, 2))  # real foreign data is still refused

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
+
+from .errors import InvalidStoreError, TrajstoreError
 
 __all__ = ["StoreLike", "sync", "local_root", "open_zarr_store", "read_json", "write_json", "delete_key", "size_of"]
 
@@ -75,8 +79,48 @@ def size_of(store: Store, prefix: str) -> int:
         return 0
 
 
+@contextmanager
+def metadata_errors(what: str) -> Iterator[None]:
+    """Zarr's own errors on a malformed metadata document (wrong types, missing keys, bytes that are
+    not JSON) as InvalidStoreError naming ``what``. A missing node stays a FileNotFoundError."""
+    try:
+        yield
+    except (FileNotFoundError, TrajstoreError):
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError, RecursionError) as e:
+        raise InvalidStoreError(f"{what}: malformed Zarr metadata ({type(e).__name__}: {e!s:.200})") from e
+
+
+def child_nodes(store: Store, path: str) -> list[str]:
+    """Names of the nodes directly under ``path`` (those with a ``zarr.json``), sorted. Listed by
+    key, not through Zarr, which skips a node whose metadata it cannot read: a damaged trajectory
+    or basis must be reported when opened, not silently missing."""
+
+    async def names() -> list[str]:
+        found = []
+        async for name in store.list_dir(path):
+            if not name.startswith(".") and await store.exists(f"{path}/{name}/zarr.json"):
+                found.append(name)
+        return sorted(found)
+
+    try:
+        return sync(names())
+    except FileNotFoundError:
+        return []
+
+
 def open_group(store: Store, path: str, mode: str) -> zarr.Group:
-    return zarr.open_group(store=store, path=path, mode=mode, zarr_format=3)
+    key = f"{path}/zarr.json" if path else "zarr.json"
+    try:
+        with metadata_errors(key):
+            group = zarr.open_group(store=store, path=path, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        if sync(store.exists(key)):  # there, but Zarr finds no group in it (node_type, say)
+            raise InvalidStoreError(f"{key}: malformed Zarr metadata (not a group's)") from None
+        raise
+    if group.metadata.zarr_format != 3:  # Zarr takes the document's word for it; we write only v3
+        raise InvalidStoreError(f"{key}: malformed Zarr metadata (zarr_format {group.metadata.zarr_format!r}, expected 3)")
+    return group
 
 
 def fsync_local(store: Store, keys: list[str], *, workers: int = 4) -> None:
@@ -124,10 +168,18 @@ def write_chunk_file(path: Path, values: np.ndarray, chunk_shape: tuple[int, ...
     data = memoryview(np.ascontiguousarray(values)).cast("B")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.write(crc32c.crc32c(data).to_bytes(4, "little"))
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.write(crc32c.crc32c(data).to_bytes(4, "little"))
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write (a full disk) leaves no temporary file behind to hold on to the space.
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the write's own error is the one to raise
+        raise

@@ -31,6 +31,8 @@ DEFAULT_TTL = 60.0
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 2**31:  # 0 and negative pids name process groups; larger ones overflow os.kill
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,8 +46,11 @@ def _holder_text(doc: Any) -> str:
     if not isinstance(doc, dict):
         return "an unknown writer"
     since = doc.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-    return f"pid {doc.get('pid')!r} on host {doc.get('host')!r} (writing since {when})"
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    except (OverflowError, OSError, ValueError):  # NaN or a time past what the platform represents
+        when = "?"
+    return f"pid {doc.get('pid')!r:.40} on host {doc.get('host')!r:.100} (writing since {when})"
 
 
 class WriterLease:
@@ -115,7 +120,10 @@ class WriterLease:
         heartbeat, ttl = doc.get("heartbeat"), doc.get("ttl", self._ttl)
         if not isinstance(heartbeat, (int, float)) or not isinstance(ttl, (int, float)):
             return False
-        return time.time() - heartbeat < ttl
+        try:
+            return time.time() - heartbeat < ttl
+        except OverflowError:  # a 400-digit JSON integer: no float, no lease
+            return False
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self._ttl / 4):
@@ -131,7 +139,7 @@ class WriterLease:
     def _read(self) -> Any:
         try:
             return read_json(self._store, self._key)
-        except ValueError:
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's depth
             return None
 
     def check(self, name: str) -> None:

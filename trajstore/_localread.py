@@ -80,7 +80,11 @@ class LocalChunkReader:
             else:
                 data = memoryview(bytearray(self._file_bytes - 4))
             stored = memoryview(bytearray(4))
-            if not (_read_exact(fd, data) and _read_exact(fd, stored)):
+            try:
+                complete = _read_exact(fd, data) and _read_exact(fd, stored)
+            except OSError as e:  # EIO and the like: named by snapshot and chunk, as damage is
+                raise ChunkFault(row, j, f"chunk file could not be read ({e})") from e
+            if not complete:
                 raise ChunkFault(row, j, "chunk file ended early")
             if crc32c.crc32c(data) != int.from_bytes(stored, "little"):
                 raise ChunkFault(row, j, "chunk failed its crc32c checksum")
@@ -132,7 +136,7 @@ class ColumnStream:
         offset = self._pos * item
         for k in rows if rows is not None else range(len(self._fds)):
             view = memoryview(out[k, :count]).cast("B")
-            if not _pread_exact(self._fds[k], view, offset):
+            if not _pread_checked(self._fds[k], view, offset, self._r0 + k, self._j):
                 raise ChunkFault(self._r0 + k, self._j, "chunk file ended early")
             self._crcs[k] = crc32c.crc32c(view, self._crcs[k])
 
@@ -145,7 +149,7 @@ class ColumnStream:
         rest = self._reader._chunk * item - self._pos * item
         scratch = memoryview(bytearray(max(rest, 0) + 4))
         for k, fd in enumerate(self._fds):
-            if not _pread_exact(fd, scratch, self._pos * item):
+            if not _pread_checked(fd, scratch, self._pos * item, self._r0 + k, self._j):
                 raise ChunkFault(self._r0 + k, self._j, "chunk file ended early")
             crc = crc32c.crc32c(scratch[:rest], self._crcs[k]) if rest else self._crcs[k]
             if crc != int.from_bytes(scratch[rest:rest + 4], "little"):
@@ -155,6 +159,14 @@ class ColumnStream:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def _pread_checked(fd: int, view: memoryview, offset: int, row: int, j: int) -> bool:
+    """:func:`_pread_exact`, an I/O error (EIO...) raised as a ChunkFault naming the chunk."""
+    try:
+        return _pread_exact(fd, view, offset)
+    except OSError as e:
+        raise ChunkFault(row, j, f"chunk file could not be read ({e})") from e
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> bool:

@@ -71,7 +71,10 @@ def decode_rng(record: SnapshotRecord) -> torch.Tensor | None:
         return None
     import torch
 
-    data = base64.b64decode(text, validate=True)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError) as e:  # binascii.Error is a ValueError
+        raise InvalidStoreError(f"recorded RNG state is not base64 ({e}): {text!r:.100}") from None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
@@ -89,7 +92,7 @@ def _check_record(i: int, rec: object, where: str) -> SnapshotRecord:
         raise InvalidStoreError(f"{where}: snapshot {i} metrics must map names to numbers")
     if "rng" in rec and not isinstance(rec["rng"], str):
         raise InvalidStoreError(f"{where}: snapshot {i} rng state must be a base64 string")
-    return rec
+    return rec if "metrics" in rec else {**rec, "metrics": metrics}  # readers may rely on the key
 
 
 def parse_commit(doc: object, where: str) -> tuple[int, list[SnapshotRecord]]:

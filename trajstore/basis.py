@@ -14,6 +14,7 @@ orthonormality is measured, so an interrupted computation is never mistaken for 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,9 @@ import zarr
 from zarr.abc.store import Store
 
 from . import _backend, _linalg
+from ._records import MAX_SNAPSHOTS
 from .errors import CorruptSnapshotError, FormatVersionError, InvalidStoreError, TrajectoryNotFoundError
+from .layout import MAX_ELEMENTS
 
 __all__ = ["Basis", "BASES_ROOT", "list_bases", "open_basis"]
 
@@ -127,9 +130,14 @@ class Basis:
         if isinstance(array, np.ndarray):
             return array[key]
         try:
-            return np.asarray(array[key])
+            values = np.asarray(array[key])
         except Exception as e:
             raise CorruptSnapshotError(f"basis {self.name!r}: {what} failed to decode ({type(e).__name__}: {e})") from e
+        # A missing chunk reads as the fill value, NaN; a basis is written finite, so this is damage.
+        if not np.isfinite(values.sum(dtype=np.float64)):
+            raise CorruptSnapshotError(f"basis {self.name!r}: {what} {key[0].start}:{key[0].stop} read as non-finite "
+                                       "(a missing or damaged chunk)")
+        return values
 
 
 def basis_path(name: str) -> str:
@@ -137,11 +145,9 @@ def basis_path(name: str) -> str:
 
 
 def list_bases(zstore: Store) -> list[str]:
-    try:
-        group = _backend.open_group(zstore, BASES_ROOT, "r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        return []
-    return sorted(name for name, _ in group.groups())
+    """Names of the bases in the store, complete or not (a damaged one is listed, and refused by
+    :func:`open_basis`)."""
+    return _backend.child_nodes(zstore, BASES_ROOT)
 
 
 def open_basis(url: _backend.StoreLike, name: str, *, storage_options: dict[str, Any] | None = None) -> Basis:
@@ -153,11 +159,39 @@ def open_basis(url: _backend.StoreLike, name: str, *, storage_options: dict[str,
     meta = validate_meta(group.attrs.get("trajstore"), name)
     if not meta.get("complete"):
         raise InvalidStoreError(f"basis {name!r} is incomplete (its computation was interrupted); compute it again")
-    u, mean, gram = group["U"], group["mean"], np.asarray(group["gram"][...])
+    arrays = []
+    for key in ("U", "mean", "gram"):
+        if not _backend.sync(zstore.exists(f"{basis_path(name)}/{key}/zarr.json")):
+            raise InvalidStoreError(f"basis {name!r}: its array {key} is missing")
+        with _backend.metadata_errors(f"basis {name!r}: {key}/zarr.json"):
+            arrays.append(group[key])
+    u, mean, gram = arrays
+    if not all(isinstance(a, zarr.Array) for a in arrays):
+        raise InvalidStoreError(f"basis {name!r}: U, mean and gram must be arrays")
     t = meta["stop"] - meta["start"]
+    # Shapes and dtypes are checked before the Gram matrix is read: it is allocated from its shape.
     if u.shape != (meta["n"], meta["d"]) or mean.shape != (meta["n"],) or gram.shape != (t, t):
         raise InvalidStoreError(f"basis {name!r}: arrays {u.shape}, {mean.shape}, {gram.shape} do not match n, d, t")
-    return Basis(meta, gram, u=u, mean=mean)
+    if (u.dtype, mean.dtype, gram.dtype) != (np.float32, np.float32, np.float64):
+        raise InvalidStoreError(f"basis {name!r}: arrays of dtypes {u.dtype}, {mean.dtype}, {gram.dtype}, "
+                                "expected float32, float32, float64")
+    try:
+        values = np.asarray(gram[...])
+    except Exception as e:  # the codec pipeline raises ValueError/RuntimeError/... on bad bytes
+        raise CorruptSnapshotError(f"basis {name!r}: gram failed to decode ({type(e).__name__}: {e})") from e
+    if not np.isfinite(values).all():
+        raise CorruptSnapshotError(f"basis {name!r}: its Gram matrix reads as non-finite (a missing chunk)")
+    return Basis(meta, values, u=u, mean=mean)
+
+
+def _finite(value: object) -> bool:
+    """A JSON number that converts to a finite float (bools, 400-digit integers and NaN do not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def validate_meta(doc: object, name: str) -> dict[str, Any]:
@@ -166,16 +200,20 @@ def validate_meta(doc: object, name: str) -> dict[str, Any]:
     if doc.get("format_version") != FORMAT_VERSION:
         raise FormatVersionError(f"basis {name!r} has format version {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
     meta = dict(doc)
-    for key in ("d", "n", "start", "stop"):
+    limits = {"d": MAX_ELEMENTS, "n": MAX_ELEMENTS, "start": MAX_SNAPSHOTS, "stop": MAX_SNAPSHOTS}
+    for key, limit in limits.items():
         value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidStoreError(f"basis {name!r}: {key} must be a non-negative integer, got {value!r:.100}")
-    if meta["stop"] <= meta["start"] or meta["d"] < 1:
-        raise InvalidStoreError(f"basis {name!r}: empty window or d < 1")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+            raise InvalidStoreError(f"basis {name!r}: {key} must be an integer in [0, {limit}], got {value!r:.100}")
+    if meta["stop"] <= meta["start"] or not 1 <= meta["d"] <= meta["n"]:
+        raise InvalidStoreError(f"basis {name!r}: empty window [{meta['start']}, {meta['stop']}) or d = {meta['d']} "
+                                f"outside [1, n = {meta['n']}]")
     for key in ("singular_values", "explained_variance_ratio"):
         value = meta.get(key)
-        if not isinstance(value, list) or len(value) != meta["d"] or not all(isinstance(v, (int, float)) for v in value):
-            raise InvalidStoreError(f"basis {name!r}: {key} must be a list of {meta['d']} numbers")
-    if not isinstance(meta.get("orthonormality"), (int, float)):
-        raise InvalidStoreError(f"basis {name!r}: orthonormality must be a number")
+        if not isinstance(value, list) or len(value) != meta["d"] or not all(_finite(v) for v in value):
+            raise InvalidStoreError(f"basis {name!r}: {key} must be a list of {meta['d']} finite numbers, "
+                                    f"got {value!r:.100}")
+    value = meta.get("orthonormality")
+    if not (_finite(value) or value == float("inf")):  # inf: written while the basis is incomplete
+        raise InvalidStoreError(f"basis {name!r}: orthonormality must be a number, got {value!r:.100}")
     return meta

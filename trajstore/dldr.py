@@ -11,6 +11,11 @@ Algorithm 1 of Li et al. done out of core, in two passes over W (the n x t matri
 
 Each dask task returns a small (t x t or d x d) partial, and the driver sums the partials in block
 order, so results are bit-identical for any number of workers or scheduler.
+
+Both passes survive a kill: each finished block's partial is saved in the store (``_checkpoint``),
+and the same call restarted computes only the blocks that were not finished, giving the bytes an
+uninterrupted run gives. A basis is marked complete only after its last block, and records the
+content fingerprints of its window's snapshots, which ``trajstore verify`` checks.
 """
 
 from __future__ import annotations
@@ -168,36 +173,64 @@ def _records_digest(store: TrajectoryStore, count: int) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
+def _gram_digest(gram: np.ndarray) -> str:
+    """A hash of the cached values themselves: metadata that decodes the chunk differently (another
+    dtype or byte order, under a valid checksum) must not be trusted."""
+    return hashlib.sha256(np.ascontiguousarray(gram, dtype="<f8").tobytes()).hexdigest()[:32]
+
+
+def _cache_name(doc: object) -> str | None:
+    """The cache's array name, ``g<count>`` as written; anything else (a path) is not followed."""
+    name = doc.get("array") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) and name[:1] == "g" and name[1:].isdigit() and len(name) < 12 else None
+
+
 def _read_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store) -> np.ndarray | None:
+    """The cached Gram matrix, or None when there is none or it is stale or damaged in any way
+    (it is derived data: recomputing it is always possible, trusting a wrong one never is)."""
     try:
         group = _backend.open_group(zstore, f"{store.prefix}/gram", "r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+    except (FileNotFoundError, InvalidStoreError):
         return None
     doc = group.attrs.get("trajstore")
-    if not isinstance(doc, dict) or not isinstance(doc.get("count"), int) or not isinstance(doc.get("array"), str):
+    name = _cache_name(doc)
+    if name is None or type(doc.get("count")) is not int:
         return None
     count = doc["count"]
-    if not 0 < count <= len(store) or doc.get("digest") != _records_digest(store, count) or doc["array"] not in group:
+    if not 0 < count <= len(store) or doc.get("digest") != _records_digest(store, count):
         return None  # stale (a different trajectory under the same name) or damaged: recompute
-    gram = np.asarray(group[doc["array"]][...])
-    if gram.shape != (count, count) or not np.all(np.isfinite(gram)):
+    try:
+        with _backend.metadata_errors(f"{store.prefix}/gram/{name}/zarr.json"):
+            array = group[name]
+        # Shape and dtype before reading: the read allocates from the shape.
+        if not isinstance(array, zarr.Array) or array.shape != (count, count) or array.dtype != np.float64:
+            return None
+        gram = np.asarray(array[...])
+    except Exception:  # missing, undecodable (the codec pipeline raises many types): recompute
+        return None
+    if not np.all(np.isfinite(gram)) or doc.get("sha256") != _gram_digest(gram):
         return None
     return gram
 
 
 def _write_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store, gram: np.ndarray) -> None:
-    group = zarr.open_group(zstore, path=f"{store.prefix}/gram", mode="a", zarr_format=3)
+    path = f"{store.prefix}/gram"
+    try:
+        group = _backend.open_group(zstore, path, "a")
+        old = _cache_name(group.attrs.get("trajstore"))
+    except InvalidStoreError:  # a cache too damaged for Zarr to open: derived data, replaced whole
+        _backend.sync(zstore.delete_dir(path))
+        group, old = _backend.open_group(zstore, path, "a"), None
     count = gram.shape[0]
     name = f"g{count}"
-    old = group.attrs.get("trajstore", {})
     array = group.create_array(name, shape=gram.shape, chunks=gram.shape, dtype=np.float64, fill_value=np.nan,
                                overwrite=True, **_CRC)
     array[...] = gram
     # The pointer is the commit: one atomic attribute write after the data.
     group.update_attributes({"trajstore": {"count": count, "array": name, "digest": _records_digest(store, count),
-                                           "reference": 0, "written": time.time()}})
-    if isinstance(old, dict) and isinstance(old.get("array"), str) and old["array"] != name and old["array"] in group:
-        del group[old["array"]]
+                                           "sha256": _gram_digest(gram), "reference": 0, "written": time.time()}})
+    if old is not None and old != name:
+        _backend.sync(zstore.delete_dir(f"{path}/{old}"))  # by key: its metadata may not even parse
 
 
 def _writable(store: TrajectoryStore) -> zarr.abc.store.Store:
@@ -325,6 +358,10 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     cached Gram matrix covers them); the basis pass reads the window once and writes
     ``n * (d + 1)`` float32 values. FLOPs: ``n t^2`` (Gram, float64) + ``2 n t d`` (basis).
 
+    A call killed at any moment and made again resumes: blocks finished before the kill are
+    loaded from their checkpoints (a t x t or d x d float64 partial each), and the result is the
+    one an uninterrupted call gives, bit for bit.
+
     The Gram matrix is taken relative to snapshot 0 of the trajectory and centred exactly
     (``J G J``); in float64 the centring loses about ``eps * |w_j - w_0|^2 / sigma_d^2`` in relative
     terms, far below float32 resolution for training trajectories.
@@ -355,6 +392,7 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     name = name or f"{store.name}-{t0}-{t1}-d{d}"
     source = {"trajectory": store.name, "start": t0, "stop": t1, "layout": store.layout.fingerprint,
               "digest": _records_digest(store, t1)}
+    _drop_unreadable_basis(zstore, name)
     if not overwrite and name in list_bases(zstore):
         try:
             existing = open_basis(zstore, name)
@@ -366,6 +404,22 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     centred, sigma, v, evals = _eig(gram[t0:t1, t0:t1], d)
     return _write_basis(store, zstore, name, d, centred, sigma, v, evals, source, client, block_bytes, num_workers,
                         progress)
+
+
+def _drop_unreadable_basis(zstore: zarr.abc.store.Store, name: str) -> None:
+    """Remove, by key, a basis whose group metadata Zarr cannot read: no one can use it (it is not
+    marked complete in any readable way), and it could not be replaced through Zarr."""
+    if name not in list_bases(zstore):
+        return
+    bases = _backend.open_group(zstore, BASES_ROOT, "r")  # a damaged bases/ group is an error, raised
+    try:
+        with _backend.metadata_errors(f"{basis_path(name)}/zarr.json"):
+            readable = name in bases  # what _write_basis asks of it, listing through Zarr
+        _backend.open_group(zstore, basis_path(name), "r")
+    except (InvalidStoreError, FileNotFoundError):
+        readable = False
+    if not readable:
+        _backend.sync(zstore.delete_dir(basis_path(name)))
 
 
 def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str, d: int, centred: np.ndarray,
@@ -383,8 +437,7 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
                      complete=False, created=time.time(), u_chunk_rows=u_rows)
     group = _unfinished_basis(zstore, name, identity, centred)
     if group is None:
-        root = zarr.open_group(zstore, mode="a", zarr_format=3)
-        bases = root.require_group(BASES_ROOT)
+        bases = _bases_group(zstore)
         if name in bases:
             _unmark(bases[name])
             del bases[name]
@@ -415,6 +468,17 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
         checkpoint.clear()  # before the mark: a complete basis holds U, mean and gram only
     group.update_attributes({"trajstore": meta})
     return open_basis(zstore, name)
+
+
+def _bases_group(zstore: zarr.abc.store.Store) -> zarr.Group:
+    """The ``bases`` group, open for writing; created when missing, and its one document rewritten
+    when it does not parse (a write cut short): the bases under it are untouched."""
+    _backend.open_group(zstore, "", "r")  # the store's own root must be sound: not repaired here
+    try:
+        return _backend.open_group(zstore, BASES_ROOT, "a")
+    except InvalidStoreError:
+        _backend.delete_key(zstore, f"{BASES_ROOT}/zarr.json")
+        return _backend.open_group(zstore, BASES_ROOT, "a")
 
 
 def _unmark(group: Any) -> None:

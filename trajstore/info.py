@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import zarr
-
 from . import _backend
 from ._backend import StoreLike, describe
-from .basis import BASES_ROOT, list_bases
+from .basis import BASES_ROOT, list_bases, validate_meta
+from .errors import InvalidStoreError
 from .store import TrajectoryStore
 
 __all__ = ["format_info", "store_info"]
@@ -50,7 +49,7 @@ def store_info(url: StoreLike, **open_kw: Any) -> dict[str, Any]:
 def _gram_info(store: TrajectoryStore) -> dict[str, Any] | None:
     try:
         group = _backend.open_group(store.zarr_store, f"{store.prefix}/gram", "r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+    except (FileNotFoundError, InvalidStoreError):  # none, or damaged: the next dldr recomputes it
         return None
     doc = group.attrs.get("trajstore")
     return {"count": doc.get("count"), "reference": doc.get("reference")} if isinstance(doc, dict) else None
@@ -60,10 +59,8 @@ def _bases_info(zstore: Any) -> list[dict[str, Any]]:
     out = []
     for name in list_bases(zstore):
         group = _backend.open_group(zstore, f"{BASES_ROOT}/{name}", "r")
-        meta = group.attrs.get("trajstore")
-        if not isinstance(meta, dict):
-            continue
-        evr = meta.get("explained_variance_ratio") or []
+        meta = validate_meta(group.attrs.get("trajstore"), name)  # numbers that print as numbers
+        evr = meta["explained_variance_ratio"]
         out.append({"name": name, "trajectory": meta.get("trajectory"), "start": meta.get("start"),
                     "stop": meta.get("stop"), "d": meta.get("d"), "n": meta.get("n"),
                     "explained": float(sum(evr)) if isinstance(evr, list) else None,

@@ -94,6 +94,22 @@ def _read_root(store: zarr.abc.store.Store, where: str) -> zarr.Group:
     return root
 
 
+def _only_partial_writes(zstore: zarr.abc.store.Store, limit: int = 100) -> bool:
+    """Whether the store holds nothing but temporary files of interrupted writes (``*.partial``,
+    what Zarr's local store and trajstore's chunk writer rename into place when a write ends)."""
+
+    async def keys() -> list[str]:
+        out = []
+        async for key in zstore.list():
+            out.append(key)
+            if len(out) > limit:
+                break
+        return out
+
+    found = _backend.sync(keys())
+    return 0 < len(found) <= limit and all(k.rsplit("/", 1)[-1].endswith(".partial") for k in found)
+
+
 def _check_version(meta: Mapping[str, Any], where: str) -> None:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
@@ -133,8 +149,11 @@ class _Static:
             raise InvalidStoreError(f"{where}: chunk_elems must be a positive integer, got {chunk!r:.100}")
         created = doc.get("created", 0.0)
         attrs = doc.get("attrs", {})
-        if not isinstance(created, (int, float)) or not isinstance(attrs, dict):
-            raise InvalidStoreError(f"{where}: malformed 'created' or 'attrs'")
+        # A bound, not isfinite(): float() of a 400-digit JSON integer overflows.
+        if isinstance(created, bool) or not isinstance(created, (int, float)) or not -1e18 < created < 1e18:
+            raise InvalidStoreError(f"{where}: 'created' must be a Unix time, got {created!r:.100}")
+        if not isinstance(attrs, dict):
+            raise InvalidStoreError(f"{where}: 'attrs' must be a JSON object, got {attrs!r:.100}")
         return cls(layout, dtype, chunk, float(created), attrs)
 
 
@@ -235,6 +254,8 @@ class TrajectoryStore:
             empty = _backend.sync(zstore.is_empty(""))
         except FileNotFoundError:
             empty = True
+        if not empty and _only_partial_writes(zstore):
+            empty = True  # a creation killed while writing its first key left only its temporary file
         if not empty:
             raise StoreExistsError(f"{where} exists and holds data that is not a trajstore store; refusing to write there")
         meta = {"format_version": FORMAT_VERSION, "kind": "store", "created": time.time()}
@@ -277,9 +298,7 @@ class TrajectoryStore:
 
     @staticmethod
     def _names(root: zarr.Group) -> list[str]:
-        if _TRAJ_ROOT not in root:
-            return []
-        return sorted(name for name, _ in root[_TRAJ_ROOT].groups())
+        return _backend.child_nodes(root.store, _TRAJ_ROOT)
 
     @classmethod
     def list_trajectories(cls, url: StoreLike, **kw: Any) -> list[str]:
@@ -306,7 +325,8 @@ class TrajectoryStore:
             self._lease.acquire(self._name)
 
     def _open_array(self, name: str) -> zarr.Array:
-        array = zarr.open_array(self._zstore, path=f"{self._prefix}/{name}", mode="r" if self._mode == "r" else "r+")
+        with _backend.metadata_errors(f"{self._where} trajectory {self._name!r}: {name}/zarr.json"):
+            array = zarr.open_array(self._zstore, path=f"{self._prefix}/{name}", mode="r" if self._mode == "r" else "r+")
         # Zarr does not persist this option: without it a chunk equal to the fill value (an all-zero
         # buffer row) would not be written, and a missing chunk would no longer signal damage.
         return array.with_config({"write_empty_chunks": True})
@@ -319,8 +339,11 @@ class TrajectoryStore:
             raise InvalidStoreError(f"{where}: params chunks {arr.chunks} differ from the recorded {self._static.chunk_elems}")
         if arr.shape[0] < self._count:
             raise InvalidStoreError(f"{where}: {self._count} snapshots committed but the array holds only {arr.shape[0]} rows")
-        if self._buffers is not None and (self._buffers.shape[1] != layout.buffer_nbytes or self._buffers.shape[0] < self._count):
-            raise InvalidStoreError(f"{where}: buffers array {self._buffers.shape} does not match the layout")
+        buffers = self._buffers
+        if buffers is not None and (buffers.ndim != 2 or buffers.shape[1] != layout.buffer_nbytes
+                                    or buffers.shape[0] < self._count or buffers.dtype != np.uint8):
+            raise InvalidStoreError(f"{where}: buffers array {buffers.shape} {buffers.dtype} does not match the "
+                                    f"layout ({layout.buffer_nbytes} bytes of uint8 per snapshot)")
 
     def _local_reader(self) -> LocalChunkReader | None:
         """The direct chunk-file reader, when the store is local and its codecs are the ones we write."""
@@ -449,19 +472,98 @@ class TrajectoryStore:
         params, buffers = list(params), list(buffers)
         index = self._count
         self._lease.check(self._name)
-        # Each array grows on its own: a writer killed between the two resizes leaves them uneven.
-        for array in (self._params, self._buffers):
-            if array is not None and array.shape[0] <= index:
-                array.resize((index + 1, array.shape[1]))
-        self._write_params(index, params)
-        if self._buffers is not None:
-            self._buffers[index, :] = self._buffer_bytes(buffers)
-        if self._durable:
-            self._sync_row(index)
-        self._lease.check(self._name)
-        record["append_seconds"] = time.time() - started
-        self._commit(self._records + [record])
+        rows = [None if array is None else array.shape[0] for array in (self._params, self._buffers)]
+        committing = False
+        try:
+            # Each array grows on its own: a writer killed between the two resizes leaves them uneven.
+            for array in (self._params, self._buffers):
+                if array is not None and array.shape[0] <= index:
+                    array.resize((index + 1, array.shape[1]))
+            self._write_params(index, params)
+            if self._buffers is not None:
+                self._buffers[index, :] = self._buffer_bytes(buffers)
+            if self._durable:
+                self._sync_row(index)
+            self._lease.check(self._name)
+            record["append_seconds"] = time.time() - started
+            committing = True
+            self._commit(self._records + [record])
+        except Exception as e:
+            error = self._append_failed(index, rows, e, self._records + [record] if committing else None)
+            if error is None:
+                return index  # the commit record was written after all
+            if error is e:
+                raise
+            raise error from e
         return index
+
+    def _append_failed(self, index: int, rows: list[int | None], error: Exception,
+                       records: list[SnapshotRecord] | None) -> Exception | None:
+        """After a failed append of row ``index``: undo what it wrote and return the error to raise.
+
+        ``records`` is the commit the append was writing when it failed (None: it failed before).
+        A commit write that raised but is found on the store (a reply lost after the write) is
+        adopted and None returned. Otherwise the row's chunks are deleted and the arrays shrunk
+        back to ``rows``, so a full disk gets its space back; each step is best effort (what is
+        left is an uncommitted row, which the next append overwrites). Nothing is removed once the
+        commit may be on the store, nor when the lease was lost (another writer may own the row).
+        """
+        import errno
+        import json
+
+        from .errors import TrajstoreError, WriterConflictError
+
+        what = f"snapshot {index} of trajectory {self._name!r} in {self._where}"
+        if self._count > index:
+            error.add_note(f"{what} was committed, but its commit record could not be made durable")
+            return error
+        if isinstance(error, WriterConflictError):
+            return error
+        if records is not None:
+            stored = self._stored_records()
+            if stored == json.loads(json.dumps(records)):
+                self._records, self._count = records, len(records)
+                return None
+            if stored != json.loads(json.dumps(self._records)):
+                # Neither record reads back (a backend that wrote part of it): the old one is put back.
+                try:
+                    self._group.update_attributes({"trajstore_commit": {"count": index, "records": self._records}})
+                except Exception:
+                    error.add_note(f"whether {what} was committed is unknown (its commit record could not be "
+                                   "read back nor restored); reopen the store to see")
+                    return error
+        state = "the store is unchanged" if self._discard_row(index, rows) else \
+            "its partial row could not all be removed (the next append overwrites it)"
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC and not isinstance(error, TrajstoreError):
+            return OSError(errno.ENOSPC, f"no space left on device while writing {what}: nothing was committed "
+                                         f"and {state} ({error})")
+        error.add_note(f"{what} was not committed; {state}")
+        return error
+
+    def _stored_records(self) -> list[Any] | None:
+        """The commit records on the store now (as JSON), or None when they cannot be read."""
+        try:
+            doc = _backend.read_json(self._zstore, f"{self._prefix}/zarr.json")
+            return doc["attributes"]["trajstore_commit"]["records"]
+        except Exception:
+            return None
+
+    def _discard_row(self, index: int, rows: list[int | None]) -> bool:
+        """Delete row ``index``'s chunks and shrink the arrays back to ``rows``; True if all went."""
+        clean = True
+        for name, array, before in zip(("params", "buffers"), (self._params, self._buffers), rows):
+            if array is None or before is None:
+                continue
+            try:
+                _backend.sync(self._zstore.delete_dir(f"{self._prefix}/{name}/c/{index}"))
+            except Exception:
+                clean = False
+            try:
+                # Also when the shape looks unchanged: a resize whose reply was lost may have landed.
+                array.resize((before, array.shape[1]))
+            except Exception:
+                clean = False
+        return clean
 
     def _stage(self) -> np.ndarray:
         chunk = self._static.chunk_elems
@@ -499,6 +601,23 @@ class TrajectoryStore:
         if fill:
             self._write_stage(index, start, staging[:fill])
 
+    def _write_stage_zarr(self, index: int, start: int, values: np.ndarray) -> None:
+        """:meth:`_write_stage` through Zarr: one write per chunk, all at once, and every one ended
+        before an error is raised. (A single Zarr write of several chunks raises at the first that
+        fails while the others go on, and they would land after a failed append's clean-up.)"""
+        import asyncio
+
+        chunk, target = self._static.chunk_elems, self._params._async_array
+
+        async def write_all() -> list[Any]:
+            return await asyncio.gather(*(target.setitem((index, slice(start + a, start + a + len(part))), part)
+                                          for a in range(0, values.shape[0], chunk)
+                                          for part in [values[a:a + chunk]]), return_exceptions=True)
+
+        for result in _backend.sync(write_all()):
+            if isinstance(result, BaseException):
+                raise result
+
     def _write_stage(self, index: int, start: int, values: np.ndarray) -> None:
         """Write ``values`` (whole chunks, the last one possibly short) at ``start`` of row ``index``.
 
@@ -506,8 +625,9 @@ class TrajectoryStore:
         format for this array (:func:`_backend.write_chunk_file`); elsewhere through Zarr."""
         root = _backend.local_root(self._zstore)
         if root is None or sys.byteorder != "little":
-            self._params[index, start:start + values.shape[0]] = values
+            self._write_stage_zarr(index, start, values)
             return
+        import concurrent.futures
         from concurrent.futures import ThreadPoolExecutor
 
         chunk = self._static.chunk_elems
@@ -520,6 +640,8 @@ class TrajectoryStore:
         futures = [self._writers.submit(_backend.write_chunk_file, folder / str((start + a) // chunk),
                                         values[a:a + chunk], (chunk,), fill, durable=self._durable)
                    for a in range(0, values.shape[0], chunk)]
+        # Every write has ended before an error is raised: a failed append then removes what they wrote.
+        concurrent.futures.wait(futures)
         for future in futures:
             future.result()  # the staging buffer is refilled only when all of it is written
 
@@ -545,10 +667,11 @@ class TrajectoryStore:
 
     def _commit(self, records: list[SnapshotRecord]) -> None:
         self._group.update_attributes({"trajstore_commit": {"count": len(records), "records": records}})
-        if self._durable:
-            _backend.fsync_local(self._zstore, [f"{self._prefix}/zarr.json"])
+        # The record is on the store: the handle agrees with it even if making it durable fails.
         self._records = records
         self._count = len(records)
+        if self._durable:
+            _backend.fsync_local(self._zstore, [f"{self._prefix}/zarr.json"])
 
     def close(self) -> None:
         """Release the write lease (a no-op for read-only stores). Idempotent."""
