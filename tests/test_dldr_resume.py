@@ -121,7 +121,8 @@ def test_gram_pass_killed_anywhere_resumes_to_the_same_bytes(trajectory: Path, t
             # a finished chain of killed and restarted passes gives the uninterrupted bytes
             assert cached is not None and cached.tobytes() == reference.tobytes()
             # and leaves no block checkpoints behind
-            assert not (path / "trajectories" / "default" / GRAM_PASS).exists()
+            left = path / "trajectories" / "default" / GRAM_PASS
+            assert not left.exists(), sorted(str(p.relative_to(left)) for p in left.rglob("*"))
         else:
             # a killed pass never leaves a cached Gram matrix that is not the right one
             assert cached is None or cached.tobytes() == reference.tobytes()
@@ -226,3 +227,17 @@ def test_an_overwrite_killed_while_deleting_leaves_no_complete_basis(trajectory:
     monkeypatch.undo()
     basis = trajstore.dldr(str(path), D, block_bytes=2**20)  # and the same command recomputes it
     assert basis.orthonormality < 1e-5
+
+
+def test_checkpoints_left_by_a_kill_after_the_commit_are_removed(trajectory: Path, tmp_path: Path) -> None:
+    # Regression (found by the kill test on CI): a kill between the cache's commit and the removal
+    # of the block checkpoints left them for good, since later calls found the cache and returned.
+    path = tmp_path / "stale.zarr"
+    shutil.copytree(trajectory, path)
+    store = TrajectoryStore.open(path)
+    gram = trajstore.gram_matrix(store, block_bytes=BLOCK_BYTES)
+    zarr.open_group(str(path), path=f"trajectories/default/{GRAM_PASS}", mode="w", zarr_format=3,
+                    attributes={"trajstore_pass": {"kind": "gram"}})
+    again = trajstore.gram_matrix(store, block_bytes=BLOCK_BYTES)
+    assert again.tobytes() == gram.tobytes()  # served from the cache
+    assert not (path / "trajectories" / "default" / GRAM_PASS).exists()  # and the stale checkpoints went

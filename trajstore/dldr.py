@@ -154,6 +154,15 @@ def _gram_pass(store: TrajectoryStore, stop: int, first: int, client: Any, num_w
     return _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
 
 
+def _drop_stale_checkpoint(zstore: zarr.abc.store.Store, path: str) -> None:
+    """Remove the block checkpoints of a pass whose result was committed just before a kill (the
+    checkpoints go after the commit); best effort: a read-only backend keeps them, harmlessly."""
+    try:
+        BlockCheckpoint(zstore, path, {}).clear()  # also a half-removed one, without its group document
+    except (OSError, ValueError):
+        pass
+
+
 def _pass_checkpoint(zstore: zarr.abc.store.Store, path: str, identity: dict[str, Any]) -> BlockCheckpoint | None:
     """A checkpoint for a pass, or None when the store cannot take one (a read-only backend)."""
     checkpoint = BlockCheckpoint(zstore, path, identity)
@@ -253,6 +262,8 @@ def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any 
     zstore = _writable(store)
     cached = _read_cached_gram(store, zstore) if cache else None
     if cached is not None and cached.shape[0] >= stop:
+        if cache:
+            _drop_stale_checkpoint(zstore, f"{store.prefix}/{GRAM_PASS}")
         return cached[:stop, :stop].copy()
     have = 0 if cached is None else cached.shape[0]
     checkpoint = None
