@@ -220,7 +220,7 @@ def _check_gram_cache(store: TrajectoryStore, report: VerifyReport, where: str) 
                        "the next basis computation recomputes it")
         else:
             if cached is None:
-                report.add("warning", where, "the cached Gram matrix is stale or damaged; "
+                report.add("warning", where, "the cached Gram matrix is stale, damaged or from an older trajstore; "
                            "the next basis computation recomputes it")
         if cached is not None and not np.array_equal(cached, cached.T):
             report.add("error", where, "the cached Gram matrix is not symmetric")
