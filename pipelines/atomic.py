@@ -8,25 +8,12 @@ of one. A temporary file a kill leaves behind is overwritten by the next write o
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trajstore._backend import write_atomic
+
 __all__ = ["save_figure", "save_json", "save_torch", "write_atomic", "write_text"]
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on ``path.tmp``, then rename it to ``path``. Returns ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -150,6 +150,20 @@ def fsync_local(store: Store, keys: list[str], *, workers: int = 4) -> None:
         list(pool.map(_sync, folders))
 
 
+def write_atomic(path: Path, write: Any) -> Path:
+    """Call ``write(tmp)`` on ``path.tmp``, then rename it over ``path`` (atomic on POSIX): a reader,
+    or a run resumed after a SIGKILL, finds the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_chunk_file(path: Path, values: np.ndarray, chunk_shape: tuple[int, ...], fill: Any, *,
                      durable: bool = False) -> None:
     """Write one chunk as a local Zarr v3 store keeps it for a ``bytes`` (little-endian) +

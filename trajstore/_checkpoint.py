@@ -35,9 +35,15 @@ class BlockCheckpoint:
     def __init__(self, zstore: zarr.abc.store.Store, path: str, identity: Mapping[str, Any]) -> None:
         self._zstore, self._path = zstore, path
         self._identity = dict(identity)
+        self.saved = 0  # blocks found saved by prepare()
 
     def prepare(self) -> int:
-        """Make the checkpoint group match this pass; returns how many blocks are already saved."""
+        """Make the checkpoint group match this pass; returns (and keeps in ``saved``) how many
+        blocks are already saved."""
+        self.saved = self._prepare()
+        return self.saved
+
+    def _prepare(self) -> int:
         try:
             group = _backend.open_group(self._zstore, self._path, "r")
             same = group.attrs.get("trajstore_pass") == self._identity

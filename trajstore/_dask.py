@@ -148,7 +148,7 @@ def block_tasks(store: TrajectoryStore, t0: int, t1: int, block_bytes: int,
 
     from ._checkpoint import resumable
 
-    block = column_block(store.chunk_elems, t1 - t0, block_bytes, store.n)
+    block = block_size(store, t0, t1, block_bytes)
     task = BlockTask(WindowReader(store, t0, t1), block)
     starts = range(0, store.n, block)
     if checkpoint is None:
@@ -166,7 +166,7 @@ def snapshots_to_dask(store: TrajectoryStore, t0: int, t1: int, block_bytes: int
     import dask.array as da
     from dask.base import tokenize
 
-    block = column_block(store.chunk_elems, t1 - t0, block_bytes, store.n)
+    block = block_size(store, t0, t1, block_bytes)
     reader = WindowReader(store, t0, t1)
     name = "trajstore-" + tokenize(store.url, store.name, t0, t1, len(store), store.layout.fingerprint, block)
     return da.from_array(reader, chunks=(t1 - t0, block), asarray=False, lock=False, fancy=False,

@@ -147,11 +147,14 @@ def _gram_pass(store: TrajectoryStore, stop: int, first: int, client: Any, num_w
     with the same arguments computes only the blocks it had not finished."""
     tasks = block_tasks(store, 0, stop, block_bytes, _gram_task, first, checkpoint=checkpoint,
                         shape=(stop, stop - first))
-    resumed = checkpoint.prepare() if checkpoint is not None else 0
-    desc = None
-    if progress:
-        desc = f"Gram pass ({stop} snapshots, {len(tasks)} blocks" + (f", {resumed} done before)" if resumed else ")")
+    desc = _pass_desc("Gram pass", stop, len(tasks), checkpoint) if progress else None
     return _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
+
+
+def _pass_desc(what: str, t: int, blocks: int, checkpoint: BlockCheckpoint | None) -> str:
+    """The progress bar's title: how many snapshots and blocks, and how many were done before a kill."""
+    saved = checkpoint.saved if checkpoint is not None else 0
+    return f"{what} ({t} snapshots, {blocks} blocks" + (f", {saved} done before)" if saved else ")")
 
 
 def _drop_stale_checkpoint(zstore: zarr.abc.store.Store, path: str) -> None:
@@ -403,8 +406,8 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     name = name or f"{store.name}-{t0}-{t1}-d{d}"
     source = {"trajectory": store.name, "start": t0, "stop": t1, "layout": store.layout.fingerprint,
               "digest": _records_digest(store, t1)}
-    _drop_unreadable_basis(zstore, name)
-    if not overwrite and name in list_bases(zstore):
+    present = _readable_basis_group(zstore, name)  # (an unreadable one is removed, overwrite or not)
+    if present and not overwrite:
         try:
             existing = open_basis(zstore, name)
         except InvalidStoreError:
@@ -417,11 +420,12 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
                         progress)
 
 
-def _drop_unreadable_basis(zstore: zarr.abc.store.Store, name: str) -> None:
-    """Remove, by key, a basis whose group metadata Zarr cannot read: no one can use it (it is not
-    marked complete in any readable way), and it could not be replaced through Zarr."""
+def _readable_basis_group(zstore: zarr.abc.store.Store, name: str) -> bool:
+    """Whether the store holds a basis group of that name that Zarr can read. One it cannot read
+    is removed, by key: no one can use it (it is not marked complete in any readable way), and it
+    could not be replaced through Zarr."""
     if name not in list_bases(zstore):
-        return
+        return False
     bases = _backend.open_group(zstore, BASES_ROOT, "r")  # a damaged bases/ group is an error, raised
     try:
         with _backend.metadata_errors(f"{basis_path(name)}/zarr.json"):
@@ -431,6 +435,7 @@ def _drop_unreadable_basis(zstore: zarr.abc.store.Store, name: str) -> None:
         readable = False
     if not readable:
         _backend.sync(zstore.delete_dir(basis_path(name)))
+    return readable
 
 
 def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str, d: int, centred: np.ndarray,
@@ -466,10 +471,7 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
     writer = _BasisWriter(zstore, path, u_rows)
     tasks = block_tasks(store, t0, t1, block_bytes, _basis_task, v_scaled, writer, checkpoint=checkpoint,
                         shape=(d * d + t1 - t0,))
-    resumed = checkpoint.prepare() if checkpoint is not None else 0
-    desc = None
-    if progress:
-        desc = f"basis pass ({t1 - t0} snapshots, {len(tasks)} blocks" + (f", {resumed} done before)" if resumed else ")")
+    desc = _pass_desc("basis pass", t1 - t0, len(tasks), checkpoint) if progress else None
     total = _sum_in_order(_compute_ordered(tasks, client, num_workers, desc))
     utu = total[:d * d].reshape(d, d)
     meta["orthonormality"] = float(np.abs(utu - np.eye(d)).max())

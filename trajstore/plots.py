@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ._backend import write_atomic
 from .basis import Basis
 
 __all__ = ["plot_basis"]
@@ -40,8 +40,6 @@ def plot_basis(basis: Basis, path: str | Path) -> Path:
     fig.suptitle(f"basis {basis.name or ''} (trajectory {basis.trajectory!r}, n = {basis.n:,})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)  # a reader sees the old figure or the new one, never half of one
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

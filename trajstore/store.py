@@ -18,6 +18,8 @@ chunk of the new snapshot is on the store.
 
 from __future__ import annotations
 
+import errno
+import json
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +45,8 @@ from .errors import (
     SnapshotIndexError,
     StoreExistsError,
     TrajectoryNotFoundError,
+    TrajstoreError,
+    WriterConflictError,
 )
 from .layout import MAX_ELEMENTS, Layout
 from ._records import SnapshotRecord, make_record, parse_commit
@@ -508,11 +512,6 @@ class TrajectoryStore:
         left is an uncommitted row, which the next append overwrites). Nothing is removed once the
         commit may be on the store, nor when the lease was lost (another writer may own the row).
         """
-        import errno
-        import json
-
-        from .errors import TrajstoreError, WriterConflictError
-
         what = f"snapshot {index} of trajectory {self._name!r} in {self._where}"
         if self._count > index:
             error.add_note(f"{what} was committed, but its commit record could not be made durable")
@@ -627,8 +626,7 @@ class TrajectoryStore:
         if root is None or sys.byteorder != "little":
             self._write_stage_zarr(index, start, values)
             return
-        import concurrent.futures
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor, wait
 
         chunk = self._static.chunk_elems
         folder = root / self._prefix / "params" / "c" / str(index)
@@ -641,7 +639,7 @@ class TrajectoryStore:
                                         values[a:a + chunk], (chunk,), fill, durable=self._durable)
                    for a in range(0, values.shape[0], chunk)]
         # Every write has ended before an error is raised: a failed append then removes what they wrote.
-        concurrent.futures.wait(futures)
+        wait(futures)
         for future in futures:
             future.result()  # the staging buffer is refilled only when all of it is written
 
