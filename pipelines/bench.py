@@ -266,7 +266,7 @@ def _layout(spec: str, input_shape: tuple[int, ...] | None, batch: int) -> tuple
 
     with torch.device("meta"):
         model, shape = resolve_model(spec, input_shape)
-    return Layout.from_model(model), activation_bytes(model, shape, batch) if batch and shape else 0
+    return Layout.from_model(model, allow_meta=True), activation_bytes(model, shape, batch) if batch and shape else 0
 
 
 def _plan(spec: str, input_shape: tuple[int, ...] | None, t: int, d: int, batch: int, workers: int,

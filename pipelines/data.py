@@ -16,8 +16,9 @@ labels drawn among the data set's other classes.
 
 from __future__ import annotations
 
-import importlib
+import math
 import pickle
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["CIFAR_STATS", "CifarArrays", "Data", "SafeUnpickler", "label_noise", "load"]
+__all__ = ["CIFAR_STATS", "CifarArrays", "Data", "SafeUnpickler", "label_noise", "load", "signature"]
 
 # Per-channel mean and standard deviation of the training images (pixel values in [0, 1]).
 CIFAR_STATS = {
@@ -95,39 +96,237 @@ def _digits(noise: float, seed: int) -> Data:
     return _tensor_data(x[:cut], y[:cut], x[cut:], y[cut:], 10, noise, seed)
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR python batches, which are pickled dicts of numpy arrays, allowing only
-    the few globals that rebuild arrays: a file from elsewhere can never run code through us."""
+# Kinds of the only dtypes a data file may hold: bool, signed and unsigned integers, floats,
+# complex. No object ('O'), structured or void ('V'), string, datetime or subarray dtype.
+_NUMERIC_KINDS = "biufc"
+# The state numpy pickles for every such dtype (``np.dtype('f4').__reduce__()[2]``): a byte
+# order, then no subarray, no names, no fields, and itemsize, alignment and flags left to the type.
+_DTYPE_STATE_TAIL = (None, None, None, -1, -1, 0)
 
-    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+def _show(value: object) -> str:
+    """A short repr of a value from the stream (which may be as large as the file)."""
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > 40:
+        return f"<{type(value).__name__} of length {len(value)}>"
+    return reprlib.repr(value)
+
+
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"refusing {what} in a data file (only plain numeric arrays are allowed)")
+
+
+def _numeric(dtype: np.dtype) -> np.dtype:
+    """``dtype`` if it is a plain numeric one; an object array's elements would come from the
+    pickle stream itself, which is more than a CIFAR batch (uint8 pixels) ever holds."""
+    if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise _refuse(f"an array of dtype {dtype}")
+    return dtype
+
+
+def _is_shape(value: object) -> bool:
+    return (isinstance(value, tuple) and len(value) <= 32
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in value))
+
+
+class _NdarrayClass:
+    """What ``numpy.ndarray`` unpickles to: a token for :func:`_placeholder`, never callable, so
+    a stream cannot call ``ndarray(shape, dtype)`` (REDUCE) or ``ndarray.__new__`` (NEWOBJ)."""
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayClass()
+
+
+def _dtype(obj: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """``numpy.dtype`` for the unpickler: from a type code only (a list, dict or tuple would build
+    a structured dtype), always a fresh copy (a BUILD must never alter numpy's shared descriptor),
+    and numeric."""
+    if not isinstance(obj, (str, bytes)):
+        raise _refuse(f"a dtype built from a {type(obj).__name__}")
+    try:
+        dtype = np.dtype(obj, bool(align), True)
+    except (TypeError, ValueError) as e:
+        raise pickle.UnpicklingError(f"not a dtype in a data file: {_show(obj)}: {e}") from e
+    return _numeric(dtype)
+
+
+def _placeholder(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """``numpy._core.multiarray._reconstruct``: the empty array numpy's pickles fill by BUILD."""
+    if subtype is not _NDARRAY or not _is_shape(shape) or shape != (0,) or not isinstance(dtype, (str, bytes)):
+        raise _refuse(f"an array placeholder _reconstruct({_show(subtype)}, {_show(shape)}, {_show(dtype)})")
+    return np.ndarray((0,), _dtype(dtype))  # what _reconstruct(ndarray, (0,), dtype) does
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> np.ndarray:
+    """``numpy._core.numeric._frombuffer``, numpy's pickle protocol 5 path, with its arguments checked."""
+    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or not _is_shape(shape) \
+            or not isinstance(order, str) or order not in ("C", "F", "K") \
+            or not (axis_order is None or (_is_shape(axis_order) and sorted(axis_order) == list(range(len(shape))))):
+        raise _refuse(f"an array _frombuffer({type(buf).__name__}, {_show(dtype)}, {_show(shape)}, {_show(order)}, "
+                      f"{_show(axis_order)})")
+    _numeric(dtype)
+    if len(buf) != math.prod(shape) * dtype.itemsize:
+        raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {dtype} in a data file has {len(buf)} bytes")
+    array = np.frombuffer(buf, dtype=dtype)
+    if order == "K" and axis_order is not None:
+        return array.reshape(shape, order="C").transpose(axis_order)
+    return array.reshape(shape, order=order)
+
+
+def _latin1(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode``: how protocol 2 writes bytes, always as ``(str, 'latin1')``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _refuse(f"_codecs.encode of a {type(text).__name__} to {_show(encoding)}")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()``: how protocols 0 to 2 write an empty bytes object (an empty array's data)."""
+    if args:
+        raise _refuse(f"bytes() of {len(args)} arguments")
+    return b""
+
+
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickles the CIFAR python batches, which are pickled dicts of numpy arrays, allowing only
+    what rebuilds plain numeric arrays: a file from elsewhere can neither run code through us nor
+    hand back an object array (whose elements, and pointers, would come from the stream).
+
+    The pure-Python unpickler, so that every opcode that constructs something is ours to check:
+
+    - globals: ``numpy.dtype``, ``_reconstruct``, ``_frombuffer``, ``numpy.ndarray`` (only as the
+      first argument of ``_reconstruct``), ``_codecs.encode`` and ``bytes()``, each replaced by a function that
+      checks its arguments and its result (:func:`_dtype`, :func:`_placeholder`, ...);
+    - REDUCE calls only those; NEWOBJ, NEWOBJ_EX, OBJ and INST, which numpy never writes, are refused;
+    - BUILD applies only once, only to a dtype or an array placeholder just made by REDUCE, and
+      only a state numpy writes for a numeric dtype (byte order only) or array (raw bytes, no
+      object list), checked before numpy sees it: an object, structured, void or subarray dtype
+      is never constructed, whatever the path (nested dtypes, a dtype's fields set afterwards);
+    - the loaded object is walked, and anything but containers, scalars, bytes, strings and
+      numeric arrays is refused.
+
+    Every refusal, and any malformed stream, raises :class:`pickle.UnpicklingError`.
+    """
+
+    GLOBALS: dict[tuple[str, str], Any] = {
+        ("numpy._core.multiarray", "_reconstruct"): _placeholder, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _dtype, ("_codecs", "encode"): _latin1,
+        ("builtins", "bytes"): _empty_bytes, ("__builtin__", "bytes"): _empty_bytes}
+    _CALLABLE = (_placeholder, _frombuffer, _dtype, _latin1, _empty_bytes)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unbuilt: dict[int, Any] = {}  # what REDUCE made that BUILD may fill once, by id (kept alive)
 
     def find_class(self, module: str, name: str) -> Any:
         canonical = module.replace("numpy.core.", "numpy._core.")  # numpy 1.x and 2.x spellings
-        if (canonical, name) not in self.ALLOWED:
+        if (canonical, name) not in self.GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file (only numpy arrays are allowed)")
-        if name == "dtype":
-            return _plain_dtype
+        return self.GLOBALS[(canonical, name)]
+
+    def load(self) -> Any:
         try:
-            return getattr(importlib.import_module(canonical), name)
-        except ImportError:  # numpy 1.x has no numpy._core
-            return getattr(importlib.import_module(canonical.replace("numpy._core.", "numpy.core.")), name)
+            loaded = super().load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as e:  # a malformed or truncated stream, whatever broke on it
+            raise pickle.UnpicklingError(f"malformed data file: {type(e).__name__}: {e}") from e
+        _check_loaded(loaded)
+        return loaded
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not any(func is f for f in self._CALLABLE) or not isinstance(args, tuple):
+            raise _refuse(f"a call of {_show(func)}")
+        result = func(*args)
+        if isinstance(result, (np.dtype, np.ndarray)) and func is not _frombuffer:
+            self._unbuilt[id(result)] = result
+        self.stack[-1] = result
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if self._unbuilt.pop(id(inst), None) is not inst:
+            raise _refuse(f"setting the state of a {type(inst).__name__} (BUILD) that is not a fresh array or dtype")
+        if isinstance(inst, np.dtype):
+            # types first: comparing an array from the stream with == would not give a bool
+            if not (isinstance(state, tuple) and len(state) == 8 and all(type(v) in (int, str, type(None)) for v in state)
+                    and state[0] == 3 and state[1] in ("<", ">", "|", "=") and state[2:] == _DTYPE_STATE_TAIL):
+                raise _refuse(f"dtype state {_show(state)} (only a byte order may be set: no fields, subarray, "
+                              "flags or sizes)")
+            inst.__setstate__(state)
+            _numeric(inst)
+        else:
+            inst.__setstate__(_array_state(state))
+            _numeric(inst.dtype)
+
+    def _refuse_opcode(self) -> None:
+        raise _refuse("the pickle opcodes NEWOBJ, NEWOBJ_EX, OBJ and INST (numpy arrays never need them)")
+
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    dispatch[pickle.BUILD[0]] = _load_build
+    for _op in (pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST):
+        dispatch[_op[0]] = _refuse_opcode
+    del _op
 
 
-def _plain_dtype(*args: Any) -> np.dtype:
-    """``numpy.dtype`` for the unpickler, refusing object dtypes: an object array's elements come
-    from the pickle stream itself, which is more than a CIFAR batch (uint8 pixels) ever holds."""
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError(f"refusing an array of dtype {dtype} in a data file (only plain numeric arrays)")
-    return dtype
+def _array_state(state: Any) -> tuple[Any, ...]:
+    """An ndarray's pickled state ``(version, shape, dtype, fortran, raw)`` (or without the version,
+    as older numpy wrote it), checked: a numeric dtype and raw bytes of the right length (an object
+    array's state holds a list of its elements instead)."""
+    if isinstance(state, tuple) and len(state) == 4:
+        state = (1, *state)
+    if not (isinstance(state, tuple) and len(state) == 5):
+        raise _refuse(f"array state {_show(state)}")
+    version, shape, dtype, fortran, raw = state
+    if type(version) is not int or version != 1 or not _is_shape(shape) or not isinstance(dtype, np.dtype) \
+            or type(fortran) not in (bool, int) or fortran not in (0, 1) or not isinstance(raw, (bytes, bytearray, str)):
+        raise _refuse(f"array state ({_show(version)}, {_show(shape)}, {_show(dtype)}, {_show(fortran)}, "
+                      f"{type(raw).__name__})")
+    _numeric(dtype)
+    if len(raw) != math.prod(shape) * dtype.itemsize:  # a str is latin1: one character per byte
+        raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {dtype} in a data file has {len(raw)} bytes")
+    return state
+
+
+_PLAIN = (str, bytes, bytearray, int, float, complex, bool, type(None))
+
+
+def _check_loaded(obj: Any) -> None:
+    """Walk what was loaded (iteratively: a stream may nest deeply or refer to itself) and refuse
+    anything but containers, scalars, strings, bytes and numeric arrays."""
+    todo, seen = [obj], set()
+    while todo:
+        item = todo.pop()
+        if id(item) in seen or isinstance(item, _PLAIN):
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            todo.extend(item)
+        elif type(item) is np.ndarray:
+            _numeric(item.dtype)
+        elif isinstance(item, np.dtype):
+            _numeric(item)
+        else:
+            raise _refuse(f"a {type(item).__name__}")
 
 
 def _read_batch(path: Path, label_key: str, layout: str) -> tuple[np.ndarray, list[int]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: expected {layout} (nothing is downloaded)")
     with open(path, "rb") as f:
-        batch = SafeUnpickler(f, encoding="latin1").load()
+        try:
+            batch = SafeUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{path}: {e}") from e
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: not a CIFAR batch (a pickled dict), got {type(batch).__name__}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -201,6 +400,22 @@ def _image_folder(path: str, noise: float, seed: int) -> Data:
         train.targets = noisy.tolist()
     shape = tuple(train[0][0].shape)
     return Data(train, test, len(train.classes), shape, mask)
+
+
+# Classes and input shape of the built-in data sets, known without loading them.
+_SIGNATURES = {"mnist1d": (10, (40,)), "digits": (10, (64,)), "cifar10": (10, (3, 32, 32)),
+               "cifar100": (100, (3, 32, 32))}
+
+
+def signature(name: str) -> tuple[int, tuple[int, ...]]:
+    """``(num_classes, input_shape)`` of a data set, what sizes a model for it: a table for the
+    built-in ones (nothing read), the folders and first image for ``imagefolder:PATH``."""
+    if name in _SIGNATURES:
+        return _SIGNATURES[name]
+    if isinstance(name, str) and name.startswith("imagefolder:"):
+        data = _image_folder(name.split(":", 1)[1], 0.0, 0)
+        return data.num_classes, data.input_shape
+    raise ValueError(f"unknown data set {name!r:.80}; choose mnist1d, digits, cifar10, cifar100 or imagefolder:PATH")
 
 
 def load(name: str, *, root: str | None = None, label_noise_fraction: float = 0.0, seed: int = 0,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import time
 import zlib
@@ -42,6 +43,8 @@ from tqdm.auto import tqdm
 
 import trajstore
 from trajstore import TrajectoryStore, dldr
+from trajstore.errors import InvalidStoreError, LayoutMismatchError
+from trajstore.layout import Layout
 from trajstore.recorder import Recorder
 
 from . import data as datasets
@@ -49,7 +52,7 @@ from .atomic import save_json, save_torch
 from .models import build_model
 
 __all__ = ["METHODS", "ExperimentConfig", "run", "run_seed", "sample", "compute_basis", "train_subspace",
-           "projection_accuracy", "load_config"]
+           "projection_accuracy", "load_config", "config_from_store", "check_store_model"]
 
 METHODS = ("pbfgs", "pbfgs+", "psgd")
 STORE = "trajectory.zarr"
@@ -149,6 +152,108 @@ def load_config(doc: dict[str, Any]) -> ExperimentConfig:
     known = {f.name for f in fields(ExperimentConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in known}
     return ExperimentConfig(**values)
+
+
+# ---------------------------------------------------------- a config read from a store (hostile input)
+
+# What each field of a config read from a store may hold, beyond its type: the checks run before
+# anything is built from it, so a store cannot ask for a model, a batch or a thread pool that does
+# not fit (bounds wider than any experiment's).
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    "label_noise": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr": (lambda v: 0 < v <= 1e3, "in (0, 1000]"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: 0 <= v <= 1e3, "in [0, 1000]"),
+    "gamma": (lambda v: 0 < v <= 1e3, "in (0, 1000]"),
+    "psgd_lr": (lambda v: 0 < v <= 1e3, "in (0, 1000]"),
+    "residual_lr": (lambda v: 0 <= v <= 1e3, "in [0, 1000]"),
+    "epochs": (lambda v: 1 <= v <= 10**6, "in [1, 10**6]"),
+    "sample_epochs": (lambda v: 1 <= v <= 10**6, "in [1, 10**6]"),
+    "subspace_epochs": (lambda v: 0 <= v <= 10**6, "in [0, 10**6]"),
+    "batch_size": (lambda v: 1 <= v <= 2**24, "in [1, 2**24]"),
+    "subspace_batch_size": (lambda v: 1 <= v <= 2**24, "in [1, 2**24]"),
+    "eval_batch_size": (lambda v: 1 <= v <= 2**24, "in [1, 2**24]"),
+    "snapshot_every": (lambda v: 0 <= v <= 2**31, "in [0, 2**31]"),
+    "dim": (lambda v: 1 <= v <= 10**5, "in [1, 10**5]"),
+    "projection_k": (lambda v: 1 <= v <= 10**5, "in [1, 10**5]"),
+    "projection_snapshots": (lambda v: 0 <= v <= 2**31, "in [0, 2**31]"),
+    "num_workers": (lambda v: 0 <= v <= 256, "in [0, 256]"),
+    "threads": (lambda v: 0 <= v <= 4096, "in [0, 4096]"),
+    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    "seeds": (lambda v: 1 <= v <= 10**4, "in [1, 10**4]"),
+    "milestones": (lambda v: len(v) <= 1000 and all(0 <= m <= 10**6 for m in v), "epochs in [0, 10**6]"),
+    "methods": (lambda v: 1 <= len(v) <= len(METHODS) and set(v) <= set(METHODS), f"among {', '.join(METHODS)}"),
+    "optimizer": (lambda v: v in ("sgd", "adam"), "'sgd' or 'adam'"),
+    "storage_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    "basis_mode": (lambda v: v in ("auto", "resident", "mmap", "stream"), "auto, resident, mmap or stream"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", v, re.ASCII) is not None,
+               "auto, cpu, mps, cuda or cuda:N"),
+    "data": (lambda v: v in ("mnist1d", "digits", "cifar10", "cifar100") or v.startswith("imagefolder:"),
+             "mnist1d, digits, cifar10, cifar100 or imagefolder:PATH"),
+}
+# The type each annotation asks for (int accepts no bool; float accepts an int).
+_FIELD_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "str | None": (str, type(None)),
+                "tuple[int, ...]": (int,), "tuple[str, ...]": (str,)}
+
+
+def _check_field(name: str, annotation: str, value: Any) -> Any:
+    bad = f"the store's experiment config has {name} = {value!r:.100}: "
+    kinds = _FIELD_TYPES[annotation]
+    if annotation.startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or not all(type(v) in kinds for v in value):
+            raise InvalidStoreError(f"{bad}expected a list of {kinds[0].__name__}")
+        value = tuple(value)
+    elif type(value) not in kinds:
+        raise InvalidStoreError(f"{bad}expected {annotation}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidStoreError(f"{bad}expected a finite number")
+    if isinstance(value, str) and len(value) > 4096:
+        raise InvalidStoreError(f"{bad}a string of {len(value)} characters")
+    check = _FIELD_CHECKS.get(name)
+    if check is not None and value is not None and not check[0](value):
+        raise InvalidStoreError(f"{bad}expected {check[1]}")
+    return value
+
+
+def config_from_store(doc: object) -> ExperimentConfig:
+    """The config a store's ``attrs["experiment"]`` records (by ``trajstore sample``), checked
+    field by field before anything is built from it: each value of its field's type, numbers
+    finite and in range (:data:`_FIELD_CHECKS`), the model a name of :data:`MODEL_NAMES`.
+    Unknown keys are ignored (a newer trajstore may record more). Raises InvalidStoreError
+    naming the field and its value."""
+    from .models import parse_model_name
+
+    if not isinstance(doc, dict):
+        raise InvalidStoreError(f"the store's experiment config must be a JSON object, got {type(doc).__name__}")
+    values = {f.name: _check_field(f.name, str(f.type), doc[f.name]) for f in fields(ExperimentConfig) if f.name in doc}
+    if "model" in values:
+        try:
+            parse_model_name(values["model"])
+        except ValueError as e:
+            raise InvalidStoreError(f"the store's experiment config has model = {values['model']!r:.100}: {e}") from e
+    try:
+        return ExperimentConfig(**values)
+    except ValueError as e:  # fields inconsistent with each other (sample_epochs > epochs)
+        raise InvalidStoreError(f"the store's experiment config is inconsistent: {e}") from e
+
+
+def check_store_model(cfg: ExperimentConfig, layout: Layout) -> None:
+    """Build ``cfg``'s model on torch's ``meta`` device (shapes only: no memory, whatever its size)
+    and check it is the model the store holds: the same parameter count ``n``, then the same
+    layout fingerprint (names, shapes, dtypes). Raises LayoutMismatchError naming the model, or
+    ValueError for a model or data name outside the registry."""
+    num_classes, input_shape = datasets.signature(cfg.data)
+    with torch.device("meta"):
+        model = build_model(cfg.model, num_classes, input_shape)
+    n = sum(p.numel() for p in model.parameters())
+    if n != layout.n:
+        raise LayoutMismatchError(f"model {cfg.model!r} for {cfg.data!r} has {n:,} parameters but the store's "
+                                  f"layout has n = {layout.n:,}: the store does not hold that model")
+    fingerprint = Layout.from_model(model, allow_meta=True).fingerprint
+    if fingerprint != layout.fingerprint:
+        raise LayoutMismatchError(f"model {cfg.model!r} for {cfg.data!r} has the store's {n:,} parameters but "
+                                  f"other names, shapes or dtypes (layout fingerprint {fingerprint}, the store's "
+                                  f"{layout.fingerprint})")
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["CNN1d", "CifarResNet", "InceptionV4", "MLP", "WideResNet", "build_model", "resolve_model"]
+__all__ = ["CNN1d", "CifarResNet", "InceptionV4", "MLP", "MODEL_NAMES", "WideResNet", "build_model",
+           "parse_model_name", "resolve_model"]
 
 
 class _WideBlock(nn.Module):
@@ -233,29 +234,66 @@ class InceptionV4(nn.Module):
         return self.fc(self.drop(out))
 
 
-def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)) -> nn.Module:
-    """A model by name (see the module docstring); ``input_shape`` sizes the small models."""
-    import math
+# The registry of built-in names, with the sizes a name may ask for (wider than any paper's, so a
+# name read from a store cannot ask for a model whose construction alone exhausts memory or time).
+# Each pattern's integers are checked against its bounds; torchvision:NAME against torchvision's list.
+MODEL_NAMES: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
+    "mlp": (r"mlp(?:-(\d+))?", ((1, 65536),)),                   # width
+    "cnn1d": (r"cnn1d(?:-(\d+))?", ((1, 4096),)),                # channels
+    "resnet": (r"resnet(\d+)", ((2, 1202),)),                    # depth 6k + 2 (He et al. went to 1202)
+    "wrn": (r"wrn-(\d+)-(\d+)", ((4, 1000), (1, 64))),           # depth 6k + 4, width
+    "inception-v4": (r"inception-v4", ()),
+}
+_EXPECTED = "'mlp[-WIDTH]', 'cnn1d[-CHANNELS]', 'resnetDEPTH', 'wrn-DEPTH-WIDTH', 'inception-v4' or 'torchvision:NAME'"
 
-    if name == "mlp" or (name.startswith("mlp-") and name[4:].isdigit()):
-        return MLP(math.prod(input_shape), num_classes, int(name[4:]) if name != "mlp" else 128)
-    if name == "cnn1d" or (name.startswith("cnn1d-") and name[6:].isdigit()):
-        return CNN1d(input_shape[-1], num_classes, int(name[6:]) if name != "cnn1d" else 32)
-    if name.startswith("resnet") and name[6:].isdigit():
-        return CifarResNet(int(name[6:]), num_classes)
-    if name.startswith("wrn-"):
-        parts = name.split("-")
-        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
-            raise ValueError(f"WideResNet names are 'wrn-DEPTH-WIDTH', got {name!r}")
-        return WideResNet(int(parts[1]), int(parts[2]), num_classes)
-    if name == "inception-v4":
-        return InceptionV4(num_classes, input_shape[0])
+
+def parse_model_name(name: object) -> tuple[str, tuple[int, ...]]:
+    """``(family, integers)`` of a built-in model name, checked against :data:`MODEL_NAMES` (and
+    ``torchvision.models.list_models()``) without building anything; ValueError naming the name
+    and what is wrong otherwise. ``torchvision:NAME`` gives ``("torchvision", ())``."""
+    import re
+
+    if not isinstance(name, str):
+        raise ValueError(f"a model name must be a string, got {type(name).__name__} {name!r:.80}")
     if name.startswith("torchvision:"):
         import torchvision
 
-        return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}; expected 'mlp[-WIDTH]', 'cnn1d[-CHANNELS]', 'resnetDEPTH', "
-                     "'wrn-DEPTH-WIDTH', 'inception-v4' or 'torchvision:NAME'")
+        if name[len("torchvision:"):] not in torchvision.models.list_models():
+            raise ValueError(f"unknown torchvision model {name!r:.80}; see torchvision.models.list_models()")
+        return "torchvision", ()
+    for family, (pattern, bounds) in MODEL_NAMES.items():
+        match = re.fullmatch(pattern, name, re.ASCII)
+        if match is None:
+            continue
+        values = tuple(int(v) for v in match.groups() if v is not None)
+        for value, (low, high) in zip(values, bounds):
+            if not low <= value <= high:
+                raise ValueError(f"model {name!r}: {value} is outside [{low}, {high}] for {family}")
+        return family, values
+    if name.startswith("wrn-"):
+        raise ValueError(f"WideResNet names are 'wrn-DEPTH-WIDTH', got {name!r:.80}")
+    raise ValueError(f"unknown model {name!r:.80}; expected {_EXPECTED}")
+
+
+def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)) -> nn.Module:
+    """A model by name (see the module docstring and :data:`MODEL_NAMES`); ``input_shape`` sizes
+    the small models. Under ``with torch.device("meta")`` nothing is allocated."""
+    import math
+
+    family, values = parse_model_name(name)
+    if family == "mlp":
+        return MLP(math.prod(input_shape), num_classes, values[0] if values else 128)
+    if family == "cnn1d":
+        return CNN1d(input_shape[-1], num_classes, values[0] if values else 32)
+    if family == "resnet":
+        return CifarResNet(values[0], num_classes)
+    if family == "wrn":
+        return WideResNet(values[0], values[1], num_classes)
+    if family == "inception-v4":
+        return InceptionV4(num_classes, input_shape[0])
+    import torchvision
+
+    return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
 
 
 def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:

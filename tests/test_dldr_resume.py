@@ -158,7 +158,10 @@ def test_basis_pass_killed_anywhere_resumes_to_the_same_bytes(trajectory: Path, 
         assert basis.mean.tobytes() == ref_mean.tobytes()
         assert basis.orthonormality == ref.orthonormality  # U^T U summed from the same partials
         # and holds no block checkpoints
-        assert not (path / "bases" / name / BASIS_PASS).exists()
+        assert not list((path / "bases" / name).glob(f"v-*/{BASIS_PASS}"))
+        if finished:
+            # the restarts resumed the killed runs' version instead of leaving folders behind
+            assert [p.name for p in (path / "bases" / name).glob("v-*")] == [basis.metadata["version"]]
 
     def reset() -> None:
         shutil.rmtree(path / "bases" / name)
@@ -205,28 +208,62 @@ def test_a_damaged_block_checkpoint_is_recomputed(trajectory: Path, tmp_path: Pa
     assert again.tobytes() == reference.tobytes()  # damaged partials are recomputed, never summed
 
 
-def test_an_overwrite_killed_while_deleting_leaves_no_complete_basis(trajectory: Path, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_overwrite_killed_before_its_commit_leaves_the_old_basis_whole(trajectory: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "overwrite.zarr"
     shutil.copytree(trajectory, path)
-    trajstore.dldr(str(path), D, block_bytes=2**20)
+    old = trajstore.dldr(str(path), D, block_bytes=2**20)
+    old_u = old.to_numpy().tobytes()
     name = f"default-0-{T}-d{D}"
 
     class Killed(BaseException):
         pass
 
-    def delete_some_then_die(self: zarr.Group, key: str) -> None:
-        shutil.rmtree(path / "bases" / key / "U")  # part of the old basis is gone when the process dies
+    def die(*args: object) -> None:
         raise Killed
 
-    monkeypatch.setattr(zarr.Group, "__delitem__", delete_some_then_die)
+    monkeypatch.setattr(trajstore.basis, "commit", die)  # every row of the new version written, then killed
     with pytest.raises(Killed):
         trajstore.dldr(str(path), D, block_bytes=2**20, overwrite=True)
-    with pytest.raises(InvalidStoreError, match="incomplete"):
-        open_basis(str(path), name)  # marked incomplete before the deletion began
     monkeypatch.undo()
-    basis = trajstore.dldr(str(path), D, block_bytes=2**20)  # and the same command recomputes it
-    assert basis.orthonormality < 1e-5
+    again = open_basis(str(path), name)
+    assert again.metadata["version"] == old.metadata["version"]  # the stored basis is still the old one
+    assert again.to_numpy().tobytes() == old_u  # and whole: its rows were never touched
+    assert len(list((path / "bases" / name).glob("v-*"))) == 2  # the killed computation's version is left ...
+    basis = trajstore.dldr(str(path), D, block_bytes=2**20, overwrite=True)  # ... and resumed by the same call
+    assert basis.to_numpy().tobytes() == old_u  # the same computation: the same bytes
+    assert [p.name for p in (path / "bases" / name).glob("v-*")] == [basis.metadata["version"]]  # old one deleted
+
+
+def test_an_overwrite_killed_while_deleting_the_old_version_leaves_the_new_basis(
+        trajectory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "overwrite.zarr"
+    shutil.copytree(trajectory, path)
+    old = trajstore.dldr(str(path), D, block_bytes=2**20)
+    name = f"default-0-{T}-d{D}"
+    delete = trajstore.basis.delete_version
+
+    class Killed(BaseException):
+        pass
+
+    def delete_some_then_die(zstore: object, name: str, version: str) -> None:
+        group = zarr.open_group(str(path), path=f"bases/{name}/{version}", mode="r+")
+        group.update_attributes({"trajstore_deleted": True})  # as delete_version marks it first
+        shutil.rmtree(path / "bases" / name / version / "U")  # part of the old basis is gone when the process dies
+        raise Killed
+
+    monkeypatch.setattr(trajstore.basis, "delete_version", delete_some_then_die)
+    with pytest.raises(Killed):
+        trajstore.dldr(str(path), D, block_bytes=2**20, overwrite=True)
+    monkeypatch.undo()
+    assert delete is trajstore.basis.delete_version
+    new = open_basis(str(path), name)  # committed before the deletion began: complete and whole
+    assert new.metadata["version"] != old.metadata["version"]
+    assert new.to_numpy().tobytes() == trajstore.dldr(str(path), D).to_numpy().tobytes()
+    with pytest.raises(trajstore.CorruptSnapshotError, match="recomputed, replaced or deleted since it was opened"):
+        old.to_numpy()  # the basis opened before says what happened, rather than reading a half-deleted version
+    trajstore.dldr(str(path), D, block_bytes=2**20, overwrite=True)  # the next commit finishes the deletion
+    assert len(list((path / "bases" / name).glob("v-*"))) == 1
 
 
 def test_checkpoints_left_by_a_kill_after_the_commit_are_removed(trajectory: Path, tmp_path: Path) -> None:

@@ -1,15 +1,20 @@
 """Hostile stores (issue #7): opening a store never runs code and never trusts malformed metadata.
 
 Every JSON document the library reads is fuzzed with hypothesis: the root group's attributes, the
-trajectory's ``trajstore`` and ``trajstore_commit`` attributes, the Zarr metadata of ``params``,
-``buffers``, the Gram cache and the basis arrays, the bases' attributes and ``writer.json``. A case
-writes one mutated document (a value replaced by a hostile one, a key deleted or added, an integer
-nudged so offsets overlap or counts run past the data, the whole document replaced, or raw bytes
-that are not JSON or not UTF-8) into a fresh copy of a small valid store, then runs every reader.
-Each reader must either succeed with results that agree with the original store, or raise a
-:class:`TrajstoreError` with a message; never another exception, never past a time bound and never
-allocating more than a stated bound (tracemalloc sees numpy's allocations), so a huge declared
-shape cannot make the library allocate from it.
+trajectory's ``trajstore`` attribute, the documents of its commit log (store format 2: a commit
+document, a writer generation's marker, and the seal of a full segment, in a store of 257
+snapshots), the ``trajstore_commit`` attribute of a format-1 copy of the store, the Zarr metadata
+of ``params``, ``buffers``, the Gram cache and the basis arrays, the bases' attributes and
+``writer.json``. A case writes one mutated document (a value replaced by a hostile one, a key
+deleted or added, an integer nudged so offsets overlap or counts run past the data, the whole
+document replaced, or raw bytes that are not JSON or not UTF-8) into a fresh copy of a small valid
+store, then runs every reader. Each reader must either succeed with results that agree with the
+original store, or raise a :class:`TrajstoreError` with a message; never another exception, never
+past a time bound and never allocating more than a stated bound (tracemalloc sees numpy's
+allocations), so a huge declared shape cannot make the library allocate from it. A log document
+decides whether its snapshots count, so a mutated one may leave the store with fewer snapshots
+(the log skips what does not parse and what a newer generation fences off): always a prefix of
+the original snapshots, each reading as it was written.
 
 Both backends are fuzzed: the in-memory store (a ``MemoryStore`` over a copied dict, cheap per
 case) and a local folder, whose snapshots are read by the direct chunk-file reader.
@@ -23,6 +28,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import time
@@ -40,38 +46,65 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore, MemoryStore
 
 import trajstore
 from conftest import flat_params, mlp, train_steps
 from trajstore import TrajectoryStore
+from trajstore._log import SEGMENT
 from trajstore.basis import list_bases, open_basis
 from trajstore.dldr import _read_cached_gram, dldr, gram_matrix
-from trajstore.errors import InvalidStoreError, TrajstoreError, WriterConflictError
+from trajstore.errors import CorruptSnapshotError, InvalidStoreError, TrajstoreError, WriterConflictError
 from trajstore.info import format_info, store_info
 from trajstore.verify import verify
 
 TRAJ = "trajectories/default"
 BASIS = "default-0-4-d2"
+VERSION = f"bases/{BASIS}/v-*"  # the basis' version folder (a fresh uuid per computation)
 WRITER = f"{TRAJ}/writer.json"
-# The documents fuzzed, by key, in three families by the readers that read them. The store holds
-# each (writer.json is planted, as a live writer leaves it; the lease tests fuzz it).
+# The commit log (store format 2). The valid store was written by two writer sessions (generations):
+# snapshots 0-1 by the one that created it, 2-3 by one that reopened it (its marker's base, 2,
+# fences the first one's commits from index 2 on).
+COMMIT0 = f"{TRAJ}/log/commit/000000/0000000000-00000001-*.json"   # generation 1's, with the RNG state
+COMMIT3 = f"{TRAJ}/log/commit/000000/0000000003-00000002-*.json"   # generation 2's, the last snapshot
+GEN1, GEN2 = f"{TRAJ}/log/gen/00000001-*.json", f"{TRAJ}/log/gen/00000002-*.json"
+# In a store of SEGMENT + 1 snapshots of a tiny model (the SEALED family): the seal of segment 0.
+SEAL = f"{TRAJ}/log/seal/000000-00000001-*.json"
+# In a format-1 copy of the valid store (the FORMAT1 family): the layout and the commit attribute.
+V1 = " (format 1)"
+TRAJ_V1 = f"{TRAJ}/zarr.json{V1}"
+LOG_DOCS = {COMMIT0, COMMIT3, GEN1, GEN2, SEAL}
+SEALED_DOCS, FORMAT1_DOCS = {SEAL}, {TRAJ_V1}
+# The documents fuzzed, named by glob patterns that match one key each of their family's store
+# (random names resolved by Base.key), in three families by the readers that read them. The store
+# holds each (writer.json is planted, as a live writer leaves it; the lease tests fuzz it).
 TRAJECTORY_DOCS = {"zarr.json", "trajectories/zarr.json", f"{TRAJ}/zarr.json", f"{TRAJ}/params/zarr.json",
-                   f"{TRAJ}/buffers/zarr.json"}
+                   f"{TRAJ}/buffers/zarr.json", TRAJ_V1} | LOG_DOCS
 GRAM_DOCS = {f"{TRAJ}/gram/zarr.json", f"{TRAJ}/gram/g4/zarr.json"}
-BASIS_DOCS = {"bases/zarr.json", f"bases/{BASIS}/zarr.json", f"bases/{BASIS}/U/zarr.json",
-              f"bases/{BASIS}/mean/zarr.json", f"bases/{BASIS}/gram/zarr.json"}
-LAYOUT_DOCS = {f"{TRAJ}/zarr.json", f"{TRAJ}/params/zarr.json", f"{TRAJ}/buffers/zarr.json"}  # load_into's
+BASIS_DOCS = {"bases/zarr.json", f"bases/{BASIS}/zarr.json", f"{VERSION}/zarr.json", f"{VERSION}/U/zarr.json",
+              f"{VERSION}/mean/zarr.json", f"{VERSION}/gram/zarr.json"}
+LAYOUT_DOCS = {f"{TRAJ}/zarr.json", f"{TRAJ}/params/zarr.json", f"{TRAJ}/buffers/zarr.json", TRAJ_V1} | LOG_DOCS
+RECORD_DOCS = {COMMIT0, COMMIT3, SEAL, TRAJ_V1}  # the documents that hold records (and RNG states)
 INFO_DOCS = TRAJECTORY_DOCS | {f"{TRAJ}/gram/zarr.json", "bases/zarr.json", f"bases/{BASIS}/zarr.json"}
 DOCS = sorted(TRAJECTORY_DOCS | GRAM_DOCS | BASIS_DOCS)
 # Documents whose mutation may legitimately change the values read (e.g. a declared big-endian
 # byte order): there a successful read must be well-formed, elsewhere equal to the original.
-VALUE_DOCS = {f"{TRAJ}/params/zarr.json", f"{TRAJ}/buffers/zarr.json", f"bases/{BASIS}/U/zarr.json",
-              f"bases/{BASIS}/mean/zarr.json", f"bases/{BASIS}/gram/zarr.json"}
+VALUE_DOCS = {f"{TRAJ}/params/zarr.json", f"{TRAJ}/buffers/zarr.json", f"{VERSION}/U/zarr.json",
+              f"{VERSION}/mean/zarr.json", f"{VERSION}/gram/zarr.json"}
+# The committed counts a store may open with when one log document is changed: a commit document
+# counts or not (and with it every later snapshot), a generation marker that does not parse takes
+# its generation's commits with it, and one whose base is nudged fences off the older generation's
+# commits from that base on; a seal is an index of commits that are also there one by one, so it
+# never changes the count. Anything else (the layout, the arrays' metadata) never changes it.
+COUNTS = {COMMIT0: {0, 4}, COMMIT3: {3, 4}, GEN1: {0, 4}, GEN2: {0, 1, 2, 4}, SEAL: {257},
+          TRAJ_V1: {0, 4}}  # (0: a format_version nudged to 2, so the log, absent, decides)
+IGNORED = {COMMIT0: 0, COMMIT3: 3, GEN1: 0, GEN2: 2, SEAL: 257}  # the count once the document is ignored
 # On a local folder snapshots are read by the direct chunk-file reader, from what these say.
+# (A log document is read by the same direct reader whatever its kind: one commit document stands for them.)
 LOCAL_DOCS = ["zarr.json", f"{TRAJ}/zarr.json", f"{TRAJ}/params/zarr.json", f"{TRAJ}/buffers/zarr.json",
-              f"{TRAJ}/gram/g4/zarr.json", f"bases/{BASIS}/zarr.json"]
+              f"{TRAJ}/gram/g4/zarr.json", f"bases/{BASIS}/zarr.json", COMMIT3]
 
 # Per-case bounds. A valid case takes ~50 ms and allocates < 2 MiB under tracemalloc here; a case
 # that allocated from a hostile shape (2**62 rows, say) would blow far past both.
@@ -81,53 +114,74 @@ TRACE_EVERY = 3
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")  # Linux
 _ORDINAL = itertools.count()
 # Examples per test (per document where parametrized); the total is checked in test_case_count.
-# Many for the large documents (the layout and records, the arrays' metadata), few for the small
-# group documents, whose few fields a few dozen cases cover.
-MEMORY_EXAMPLES = {"zarr.json": 150, "trajectories/zarr.json": 50, f"{TRAJ}/zarr.json": 300,
-                   f"{TRAJ}/params/zarr.json": 250, f"{TRAJ}/buffers/zarr.json": 200,
-                   f"{TRAJ}/gram/zarr.json": 120, f"{TRAJ}/gram/g4/zarr.json": 200, "bases/zarr.json": 50,
-                   f"bases/{BASIS}/zarr.json": 200, f"bases/{BASIS}/U/zarr.json": 150,
-                   f"bases/{BASIS}/mean/zarr.json": 150, f"bases/{BASIS}/gram/zarr.json": 150}
+# Many for the large documents (the layout, the records, the arrays' metadata, the log), few for
+# the small group documents and generation markers, whose few fields a few dozen cases cover.
+MEMORY_EXAMPLES = {"zarr.json": 130, "trajectories/zarr.json": 50, f"{TRAJ}/zarr.json": 150, TRAJ_V1: 120,
+                   f"{TRAJ}/params/zarr.json": 190, f"{TRAJ}/buffers/zarr.json": 140,
+                   COMMIT0: 80, COMMIT3: 70, GEN1: 40, GEN2: 50,
+                   SEAL: 30,  # a case reads 257 snapshots' log and chunks: ~10x a case of the small store
+                   f"{TRAJ}/gram/zarr.json": 100, f"{TRAJ}/gram/g4/zarr.json": 140, "bases/zarr.json": 50,
+                   f"bases/{BASIS}/zarr.json": 140, f"{VERSION}/zarr.json": 40, f"{VERSION}/U/zarr.json": 150,
+                   f"{VERSION}/mean/zarr.json": 150, f"{VERSION}/gram/zarr.json": 150}
 LOCAL_EXAMPLES = 60
 RAW_EXAMPLES = 300
 WRITER_EXAMPLES = 150
 DERIVED_EXAMPLES = 60
 VERIFY_EXAMPLES = 60
-TARGET_CASES = 3000
+TARGET_CASES = 3050
 
 CASES: Counter[str] = Counter()      # cases run, per test
 OUTCOMES: Counter[str] = Counter()   # "ok" / error class, per reader, over all cases
 _PROTO = default_buffer_prototype()
 
 
-# ---------------------------------------------------------------- the valid store
+# ---------------------------------------------------------------- the valid stores
 
 
 @dataclass(frozen=True, repr=False)
 class Base:
-    """A small valid store (4 snapshots of an MLP with BatchNorm, a d=2 basis, the Gram cache)
-    and what reading it gives."""
+    """A small valid store and what reading it gives: every snapshot's values, buffer bytes and
+    record, and (where the store holds them) the Gram matrix and the d=2 basis."""
 
     files: dict[str, bytes]
-    snapshot0: np.ndarray
-    buffers0: dict[str, torch.Tensor]
-    gram: np.ndarray
-    u: np.ndarray
-    n: int
-    t: int
+    snapshots: np.ndarray             # (t, n) float32
+    buffers: list[np.ndarray]         # per snapshot, its buffers' bytes
+    buffers0: dict[str, torch.Tensor]  # snapshot 0's buffers, as load_into must restore them
+    records: list[dict[str, Any]]
+    gram: np.ndarray | None
+    u: np.ndarray | None
+    model: Callable[..., nn.Module]   # a model of the layout (model(seed=k))
+
+    @property
+    def t(self) -> int:
+        return self.snapshots.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.snapshots.shape[1]
 
     def __repr__(self) -> str:
         return f"Base(n={self.n}, t={self.t}, {len(self.files)} keys)"
 
-    def doc(self, key: str) -> Any:
-        return json.loads(self.files[key])
+    def key(self, doc: str) -> str:
+        """The key of document ``doc`` (a key, or a pattern matching one key, of this store)."""
+        pattern = doc.removesuffix(V1)
+        if pattern in self.files or "*" not in pattern:
+            return pattern  # (a plain key: present, or to be planted)
+        name = re.compile(re.escape(pattern).replace(r"\*", "[^/]*"))  # a * within one path segment
+        found = [k for k in self.files if name.fullmatch(k)]
+        assert len(found) == 1, f"{doc}: {len(found)} keys of the store match, not 1"
+        return found[0]
 
-    def memory(self, key: str | None = None, data: bytes | None = None) -> MemoryStore:
-        """A fresh in-memory copy, with ``key`` holding ``data``."""
+    def doc(self, doc: str) -> Any:
+        return json.loads(self.files[self.key(doc)])
+
+    def memory(self, doc: str | None = None, data: bytes | None = None) -> MemoryStore:
+        """A fresh in-memory copy, with document ``doc`` holding ``data``."""
         files = dict(self.files)
-        if key is not None:
+        if doc is not None:
             assert data is not None
-            files[key] = data
+            files[self.key(doc)] = data
         return MemoryStore(store_dict={k: _PROTO.buffer.from_bytes(v) for k, v in files.items()})
 
 
@@ -138,33 +192,119 @@ def _lease_doc() -> dict[str, Any]:
             "heartbeat": now, "ttl": 3600.0}
 
 
+def _files(zstore: MemoryStore) -> dict[str, bytes]:
+    return {k: v.to_bytes() for k, v in zstore._store_dict.items()}
+
+
+def _read_back(zstore: Any, files: dict[str, bytes], model: Callable[..., nn.Module], gram: Any = None,
+               u: Any = None) -> Base:
+    """``files`` as a Base, with what a fault-free read of ``zstore`` (holding them) gives."""
+    with TrajectoryStore.open(zstore) as store:
+        loaded = store.load_into(model(seed=1), 0)
+        names = {name for name, _ in loaded.named_buffers()}
+        buffers0 = {k: v.clone() for k, v in loaded.state_dict().items() if k in names}
+        buffers = [store.buffer_bytes(i) for i in range(len(store))]
+        return Base(files, store.read_rows(slice(None), slice(None)), buffers, buffers0, store.records, gram, u, model)
+
+
 @pytest.fixture(scope="module")
 def base() -> Base:
+    """4 snapshots of an MLP with BatchNorm written by two writer sessions, a d=2 basis, the Gram cache."""
     zstore = MemoryStore()
     model = mlp()
-    buffer_names = {name for name, _ in model.named_buffers()}
-    with TrajectoryStore.create(zstore, model, chunk_bytes=64) as store:  # n = 80: 5 chunks per snapshot
-        for i in range(4):
-            train_steps(model, (8, 5), steps=1, seed=i)
-            store.append(model, step=i, epoch=i, lr=0.1, metrics={"loss": 1.0 / (i + 1)}, rng_state=i == 0)
-            if i == 0:
-                snapshot0 = flat_params(model)
-                buffers0 = {k: v.clone() for k, v in model.state_dict().items() if k in buffer_names}
+    store = TrajectoryStore.create(zstore, model, chunk_bytes=64)  # n = 80: 5 chunks per snapshot
+    for i in range(4):
+        if i == 2:
+            store.close()
+            store = TrajectoryStore.open(zstore, "a")  # a second generation, base 2
+        train_steps(model, (8, 5), steps=1, seed=i)
+        store.append(model, step=i, epoch=i, lr=0.1, metrics={"loss": 1.0 / (i + 1)}, rng_state=i == 0)
+    store.close()
     basis = dldr(zstore, d=2)
     assert basis.name == BASIS  # the name the documents above use
-    files = {k: v.to_bytes() for k, v in zstore._store_dict.items()}
+    files = _files(zstore)
     files[WRITER] = json.dumps(_lease_doc()).encode()
-    assert set(DOCS) <= set(files)  # every fuzzed document exists in the valid store
     with TrajectoryStore.open(zstore) as store:
         gram = gram_matrix(store)
-    return Base(files, snapshot0, buffers0, gram, basis.to_numpy(), basis.n, 4)
+        assert [(g.seq, g.base) for g in store.log.generations] == [(1, 0), (2, 2)]  # the two sessions
+    made = _read_back(zstore, files, mlp, gram, basis.to_numpy())
+    for doc in set(DOCS) - SEALED_DOCS:
+        made.key(doc)  # every fuzzed document exists in the valid store, once
+    return made
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    """A model of 6 parameters and 2 + 2 float buffers (and a counter)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+
+
+@pytest.fixture(scope="module")
+def sealed() -> Base:
+    """SEGMENT + 1 snapshots of a tiny model: segment 0 sealed, one commit past the seal."""
+    zstore = MemoryStore()
+    model = tiny()
+    steps = torch.Generator().manual_seed(0)
+    with TrajectoryStore.create(zstore, model) as store, torch.no_grad():
+        for i in range(SEGMENT + 1):
+            for p in model.parameters():  # a random walk: every snapshot differs from every other
+                p.add_(torch.randn(p.shape, generator=steps), alpha=0.01)
+            model[1].running_mean.add_(0.1)  # and so do its buffers
+            store.append(model, step=i)
+    made = _read_back(zstore, _files(zstore), tiny)
+    made.key(SEAL)
+    return made
+
+
+def to_format1(files: dict[str, bytes]) -> dict[str, bytes]:
+    """A format-2 store's files as trajstore format 1 wrote them: the committed records in the
+    trajectory's ``trajstore_commit`` attribute ({"count", "records"}), format_version 1 (the root's
+    and the trajectory's), the arrays exactly as many rows as snapshots, and no commit log."""
+    zstore = MemoryStore(store_dict={k: _PROTO.buffer.from_bytes(v) for k, v in files.items()})
+    with TrajectoryStore.open(zstore) as store:
+        t, records = len(store), store.records
+        assert all(c.row == c.index for c in store.log.commits)  # format 1 keeps snapshot i in row i
+    out = {k: v for k, v in files.items() if not k.startswith(f"{TRAJ}/log/")}
+    docs = {k: json.loads(out[k]) for k in ("zarr.json", f"{TRAJ}/zarr.json", f"{TRAJ}/params/zarr.json",
+                                            f"{TRAJ}/buffers/zarr.json")}
+    docs["zarr.json"]["attributes"]["trajstore"]["format_version"] = 1
+    attrs = docs[f"{TRAJ}/zarr.json"]["attributes"]
+    attrs["trajstore"]["format_version"] = 1
+    attrs["trajstore_commit"] = {"count": t, "records": records}
+    for name in ("params", "buffers"):
+        docs[f"{TRAJ}/{name}/zarr.json"]["shape"][0] = t  # format 1 resized the arrays per append
+    assert not any(f"/c/{t}/" in k or f"/c/{t + 1}/" in k for k in out if k.startswith(TRAJ))  # no row past t
+    return {**out, **{k: json.dumps(d).encode() for k, d in docs.items()}}
+
+
+@pytest.fixture(scope="module")
+def format1(base: Base) -> Base:
+    files = to_format1(base.files)
+    zstore = MemoryStore(store_dict={k: _PROTO.buffer.from_bytes(v) for k, v in files.items()})
+    made = _read_back(zstore, files, mlp, base.gram, base.u)
+    with TrajectoryStore.open(zstore) as store:
+        assert store.format_version == 1 and not store.log.problems  # read as format 1
+    np.testing.assert_array_equal(made.snapshots, base.snapshots)  # the same snapshots, bit for bit
+    assert made.records == base.records and all(map(np.array_equal, made.buffers, base.buffers))  # records, buffers
+    return made
+
+
+@pytest.fixture(scope="module")
+def bases(base: Base, format1: Base, sealed: Base) -> Callable[[str], Base]:
+    """The valid store that holds document ``doc``."""
+    return lambda doc: sealed if doc in SEALED_DOCS else format1 if doc in FORMAT1_DOCS else base
 
 
 @pytest.fixture(scope="module")
 def local(base: Base, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same store as a local folder (LocalStore keeps key K in file ROOT/K)."""
     root = tmp_path_factory.mktemp("hostile") / "store.zarr"
-    for key, data in base.files.items():
+    write_local(root, base.files)
+    return root
+
+
+def write_local(root: Path, files: dict[str, bytes]) -> Path:
+    for key, data in files.items():
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         (root / key).write_bytes(data)
     return root
@@ -340,17 +480,61 @@ def bounded(case: str) -> Iterator[None]:
     OUTCOMES["tracemalloc"] += trace
 
 
+def _parsed(data: bytes) -> Any:
+    """``data`` as the library parses a document (UTF-8 JSON), or ValueError."""
+    return json.loads(data.decode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one planted document changes, as far as the committed snapshots go."""
+
+    records: frozenset[int] = frozenset()  # snapshots whose record it changes (they may read as changed)
+    entries: frozenset[int] = frozenset()  # snapshots whose commit entry it changes in any way
+    ignored: bool = False                  # not a JSON object: the log must skip it
+
+
+def change_of(base: Base, doc: str, data: bytes) -> Change:
+    """What ``data``, planted as document ``doc`` of ``base``, changes."""
+    try:
+        new = _parsed(data)
+    except (ValueError, RecursionError):
+        return Change(ignored=True)
+    old, ignored = base.doc(doc), not isinstance(new, dict)
+    if doc in (COMMIT0, COMMIT3):
+        same = isinstance(new, dict) and new.get("record") == old["record"]
+        return Change(frozenset(() if same else {old["index"]}), frozenset({old["index"]}), ignored)
+    if doc == SEAL:
+        entries = new.get("entries") if isinstance(new, dict) else None
+        if not isinstance(entries, list) or len(entries) != len(old["entries"]):
+            return Change(ignored=ignored)  # not a seal of the segment: its commits are read one by one
+        pairs = [(e["index"], e, f) for e, f in zip(old["entries"], entries)]
+        return Change(frozenset(i for i, e, f in pairs if not isinstance(f, dict) or f.get("record") != e["record"]),
+                      frozenset(i for i, e, f in pairs if f != e))
+    if doc == TRAJ_V1:
+        try:
+            records = new["attributes"]["trajstore_commit"]["records"]
+            old_records = old["attributes"]["trajstore_commit"]["records"]
+            changed = {i for i in range(base.t) if i >= len(records) or records[i] != old_records[i]}
+        except (KeyError, TypeError, IndexError):
+            changed = set(range(base.t))  # (refused when parsed: the records are not there)
+        return Change(frozenset(changed), frozenset(changed))
+    return Change(ignored=ignored)
+
+
 class Readers:
     """Runs the readers of one document on a store and checks each result against the valid store's.
 
     A reader that never reads the mutated document cannot see the mutation, so only those that
-    do are run (``key=None``: all of them).
+    do are run (``key=None``: all of them). ``change``: what the case's document changes.
     """
 
-    def __init__(self, base: Base, key: str | None) -> None:
+    def __init__(self, base: Base, key: str | None, change: Change = Change()) -> None:
         self.base, self.key = base, key
         self.strict = key not in VALUE_DOCS  # the values read must equal the originals
+        self.change = change
         self.outcomes: dict[str, str] = {}
+        self.count: int | None = None  # the committed count the store opened with
 
     def reads(self, docs: set[str]) -> bool:
         return self.key is None or self.key in docs
@@ -387,11 +571,13 @@ class Readers:
             basis = self.attempt("open_basis", lambda: open_basis(zstore, BASIS))
             if basis is not None:
                 self.basis(basis)
-            if writes:
+            # (d = 2 needs 3 snapshots: with fewer, dldr's documented ValueError is the caller's, not the store's.)
+            if writes and (self.count is None or self.count > 2):
                 made = self.attempt("dldr", lambda: dldr(zstore, d=2))
                 # A complete basis is returned as it is (its chunks are read, and checked, lazily).
                 u = self.attempt("dldr_rows", made.to_numpy) if made is not None else None
-                if u is not None and self.strict:
+                # (A store that opens with fewer snapshots has another window: another basis.)
+                if u is not None and self.strict and self.base.u is not None and made.name == BASIS:
                     # A damaged basis is recomputed, never trusted: the same basis comes back.
                     # (Recomputing repeats the same float64 sums; 1e-6 covers float32 storage of U.)
                     np.testing.assert_allclose(u, self.base.u, atol=1e-6)
@@ -399,27 +585,43 @@ class Readers:
             assert report is not None  # verify reports damage, it does not raise
             if self.outcomes.get("open", "ok") != "ok" or self.outcomes.get("open_basis", "ok") != "ok":
                 assert report.findings  # what open or open_basis refuses, verify names too
+            if self.count is not None and self.count < self.base.t:
+                assert report.findings  # and snapshots that no longer count (a skipped or fenced commit)
         OUTCOMES.update(f"{k}:{v}" for k, v in self.outcomes.items())
 
     def trajectory(self, store: TrajectoryStore, writes: bool) -> None:
         base = self.base
-        assert len(store) == len(store.records) <= base.t  # the count agrees with the records and the data
-        if self.reads(TRAJECTORY_DOCS):
+        t = self.count = len(store)
+        assert t == len(store.records)  # the count agrees with the records
+        if self.key in COUNTS:
+            # A log document decides whether its snapshots count: a prefix of the original ones.
+            ignored = self.change.ignored and self.key in IGNORED
+            assert t == IGNORED[self.key] if ignored else t in COUNTS[self.key], (t, self.change)
+        else:
+            assert t <= base.t if self.key is None else t == base.t  # nothing else decides what is committed
+        for i, record in enumerate(store.records):
+            if i not in self.change.records:
+                assert record == base.records[i], i  # every record read as written
+        if self.reads(TRAJECTORY_DOCS) and t:
             snap = self.attempt("snapshot", lambda: store.snapshot(0))
             if snap is not None:
                 assert snap.shape == (store.n,) and snap.dtype == np.float32 and np.isfinite(snap).all()
                 if self.strict:
-                    np.testing.assert_array_equal(snap, base.snapshot0)  # harmless mutation: the same values
-            model = mlp(seed=1)
+                    np.testing.assert_array_equal(snap, base.snapshots[0])  # harmless mutation: the same values
+            if self.reads(set(COUNTS)):
+                self.committed(store)
+            model = base.model(seed=1)
             if self.reads(LAYOUT_DOCS) and self.attempt("load_into", lambda: store.load_into(model, 0)) is not None:
                 if snap is not None:
                     np.testing.assert_array_equal(flat_params(model), snap)  # load_into reads what snapshot reads
                 if self.strict:
                     for name, value in base.buffers0.items():
                         assert torch.equal(model.state_dict()[name], value), name  # buffers restored exactly
-            if self.reads({f"{TRAJ}/zarr.json"}):  # the records
+            if self.reads(RECORD_DOCS):
                 rng = self.attempt("rng_state", lambda: store.rng_state(0))
                 assert rng is None or (rng.dtype == torch.uint8 and rng.dim() == 1)  # a byte tensor or nothing
+        if base.gram is None:
+            return
         cached = self.attempt("gram_cache", lambda: _read_cached_gram(store, store.zarr_store))
         if cached is not None:
             np.testing.assert_array_equal(cached, base.gram[:len(cached), :len(cached)])  # never trusted wrongly
@@ -428,6 +630,22 @@ class Readers:
             if gram is not None and self.strict:
                 # The same sums recomputed, or the verified cache: bit for bit the original.
                 np.testing.assert_array_equal(gram, base.gram)
+
+    def committed(self, store: TrajectoryStore) -> None:
+        """Every snapshot that counts reads as it was written, or raises; so do the buffers of the
+        first and last and of those whose commit entry the document changes (one read each: all
+        257 of the sealed store's would triple its cases' time)."""
+        t = len(store)
+        rows = self.attempt("snapshots", lambda: store.read_rows(slice(None), slice(None)))
+        if rows is not None:
+            np.testing.assert_array_equal(rows, self.base.snapshots[:t])  # never other numbers
+        for i in sorted({0, t - 1} | self.change.entries if self.key else range(t)):
+            if i >= t:
+                break
+            raw = self.attempt("buffers", lambda: store.buffer_bytes(i))
+            if raw is None:
+                break
+            np.testing.assert_array_equal(raw, self.base.buffers[i])  # nor other buffers
 
     def basis(self, basis: Any) -> None:
         u = self.attempt("basis_rows", basis.to_numpy)
@@ -440,26 +658,27 @@ class Readers:
 
 
 def run_case(base: Base, key: str, data: bytes, what: str, test: str, *, zstore: Any = None,
-             writes: bool = False, check_verify: bool = False) -> dict[str, str]:
-    """One case: ``data`` at ``key`` of a fresh in-memory copy (or the given store), every reader of
-    ``key`` run under the time and memory bounds."""
-    readers = Readers(base, key)
+             writes: bool = False, check_verify: bool = False) -> Readers:
+    """One case: ``data`` at document ``key`` of a fresh in-memory copy (or the given store, which
+    holds it), every reader of ``key`` run under the time and memory bounds."""
+    readers = Readers(base, key, change_of(base, key, data))
     with bounded(f"{key}: {what}"):
         readers.run(base.memory(key, data) if zstore is None else zstore, writes=writes, check_verify=check_verify)
     CASES[test] += 1
-    return readers.outcomes
+    return readers
 
 
 @contextmanager
 def planted(root: Path, key: str, data: bytes) -> Iterator[None]:
-    """``data`` at ``key`` of the local store for the duration, then the original back."""
+    """``data`` at ``key`` of the local store for the duration, then the original back (or none)."""
     path = root / key
-    original = path.read_bytes()
+    original = path.read_bytes() if path.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     try:
         yield
     finally:
-        path.write_bytes(original)
+        path.write_bytes(original) if original is not None else path.unlink()
 
 
 FUZZ = settings(deadline=None, derandomize=True, database=None,
@@ -471,7 +690,9 @@ FUZZ = settings(deadline=None, derandomize=True, database=None,
 
 
 @pytest.mark.parametrize("key", DOCS)
-def test_fuzz_memory_document(base: Base, key: str) -> None:
+def test_fuzz_memory_document(bases: Callable[[str], Base], key: str) -> None:
+    base = bases(key)
+
     @settings(FUZZ, max_examples=MEMORY_EXAMPLES[key])
     @given(data=st.data())
     def case(data: st.DataObject) -> None:
@@ -486,18 +707,21 @@ def test_fuzz_memory_document(base: Base, key: str) -> None:
 @given(data=st.data())
 def test_fuzz_local_document(base: Base, local: Path, key: str, data: st.DataObject) -> None:
     what, doc = data.draw(mutated(base.doc(key)), label="mutation")
-    with planted(local, key, dumps(doc)):
-        run_case(base, key, b"", what, f"local {key}", zstore=LocalStore(local, read_only=True))
+    with planted(local, base.key(key), dumps(doc)):
+        run_case(base, key, dumps(doc), what, f"local {key}", zstore=LocalStore(local, read_only=True))
 
 
 @settings(FUZZ, max_examples=RAW_EXAMPLES)
 @given(data=st.data())
-def test_fuzz_raw_bytes(base: Base, data: st.DataObject) -> None:
+def test_fuzz_raw_bytes(bases: Callable[[str], Base], data: st.DataObject) -> None:
     key = data.draw(st.sampled_from(DOCS), label="key")
-    what, raw = data.draw(raw_bytes(base.files[key]), label="bytes")
-    outcomes = run_case(base, key, raw, what, "raw bytes")
-    if key == f"{TRAJ}/zarr.json" and what == "invalid utf-8":
-        assert outcomes["open"] != "ok"  # a trajectory without readable metadata does not open
+    base = bases(key)
+    what, raw = data.draw(raw_bytes(base.files[base.key(key)]), label="bytes")
+    readers = run_case(base, key, raw, what, "raw bytes")
+    if key in (f"{TRAJ}/zarr.json", TRAJ_V1) and what == "invalid utf-8":
+        assert readers.outcomes["open"] != "ok"  # a trajectory without readable metadata does not open
+    if key in LOG_DOCS and what == "invalid utf-8":
+        assert readers.count == IGNORED[key]  # a log document that does not parse is skipped, not an error
 
 
 @settings(FUZZ, max_examples=DERIVED_EXAMPLES)
@@ -511,9 +735,10 @@ def test_fuzz_derived_data_is_recomputed(base: Base, data: st.DataObject) -> Non
 
 @settings(FUZZ, max_examples=VERIFY_EXAMPLES)
 @given(data=st.data())
-def test_fuzz_verify(base: Base, data: st.DataObject) -> None:
+def test_fuzz_verify(bases: Callable[[str], Base], data: st.DataObject) -> None:
     """verify reports what the readers refuse, and never raises."""
     key = data.draw(st.sampled_from(DOCS), label="key")
+    base = bases(key)
     what, doc = data.draw(mutated(base.doc(key)), label="mutation")
     run_case(base, key, dumps(doc), what, "verify", check_verify=True)
 
@@ -538,8 +763,9 @@ def test_fuzz_writer_lease_memory(base: Base, data: st.DataObject) -> None:
     CASES["writer memory"] += 1
 
 
-def test_fuzz_writer_lease_local(base: Base, local: Path) -> None:
+def test_fuzz_writer_lease_local(base: Base, tmp_path: Path) -> None:
     """On a local folder writer.json is read when the flock is held: to name the holder."""
+    local = write_local(tmp_path / "store.zarr", base.files)  # a copy: opening to write adds a generation
     holder = TrajectoryStore.open(local, "a")  # holds the flock for the whole test
     try:
         @settings(FUZZ, max_examples=WRITER_EXAMPLES)
@@ -618,12 +844,13 @@ DEEP = ("[" * 100_000 + "]" * 100_000).encode()
 REFUSED = [
     ("layout-offsets-overlap", TRAJ_JSON, _traj("layout.params.1.3", 30), _open_read, InvalidStoreError,
      r"'0.bias' starts at offset 30, expected 35"),
-    ("commit-count-past-data", TRAJ_JSON, _commit_past_data, _open_read, InvalidStoreError,
+    ("commit-count-past-data", TRAJ_V1, _commit_past_data, _open_read, InvalidStoreError,
      "5 snapshots committed but the array holds only 4 rows"),
     ("created-400-digits", TRAJ_JSON, _traj("created", 10**400), _open_read, InvalidStoreError,
      "'created' must be a Unix time, got 1000000000"),
-    ("rng-not-base64", TRAJ_JSON, _at("attributes.trajstore_commit.records.0.rng", "#%"), _rng, InvalidStoreError,
-     "recorded RNG state is not base64"),
+    ("rng-not-base64", COMMIT0, _at("record.rng", "#%"), _rng, InvalidStoreError, "recorded RNG state is not base64"),
+    ("rng-not-base64-format-1", TRAJ_V1, _at("attributes.trajstore_commit.records.0.rng", "#%"), _rng,
+     InvalidStoreError, "recorded RNG state is not base64"),
     ("trajectory-not-json", TRAJ_JSON, b"\xff{", _open_read, InvalidStoreError,
      rf"{TRAJ}/zarr.json: malformed Zarr metadata \(UnicodeDecodeError"),
     ("trajectory-nested-too-deep", TRAJ_JSON, DEEP, _open_read, InvalidStoreError,
@@ -635,17 +862,17 @@ REFUSED = [
     ("params-no-chunk-grid", PARAMS_JSON, lambda d: {k: v for k, v in d.items() if k != "chunk_grid"}, _open_read,
      InvalidStoreError, r"params/zarr.json: malformed Zarr metadata \(KeyError"),
     ("params-shape-2**62-columns", PARAMS_JSON, _at("shape.1", 2**62), _open_read, InvalidStoreError,
-     r"params array \(4, 4611686018427387904\) float32 does not match the layout \(n = 80\)"),
+     r"params array \(8, 4611686018427387904\) float32 does not match the layout \(n = 80\)"),  # capacity 8
     ("buffers-fill-out-of-range", BUFFERS_JSON, _at("fill_value", -50), _open_read, InvalidStoreError,
      r"buffers/zarr.json: malformed Zarr metadata \(OverflowError"),
     ("buffers-one-dimensional", BUFFERS_JSON, lambda d: _at("chunk_grid.configuration.chunk_shape", [1])(
         _at("shape", [4])(d)), _open_read, InvalidStoreError, r"buffers array \(4,\) uint8 does not match the layout"),
-    ("basis-gram-2**31-square", f"bases/{BASIS}/gram/zarr.json", lambda d: _at("chunk_grid.configuration.chunk_shape",
+    ("basis-gram-2**31-square", f"{VERSION}/gram/zarr.json", lambda d: _at("chunk_grid.configuration.chunk_shape",
      [2**31, 2**31])(_at("shape", [2**31, 2**31])(d)), _basis_open, InvalidStoreError,
      r"arrays \(80, 2\), \(80,\), \(2147483648, 2147483648\) do not match n, d, t"),
-    ("basis-gram-int64", f"bases/{BASIS}/gram/zarr.json", lambda d: _at("fill_value", 0)(_at("data_type", "int64")(d)),
+    ("basis-gram-int64", f"{VERSION}/gram/zarr.json", lambda d: _at("fill_value", 0)(_at("data_type", "int64")(d)),
      _basis_open, InvalidStoreError, "expected float32, float32, float64"),
-    ("basis-U-no-data-type", f"bases/{BASIS}/U/zarr.json", lambda d: {k: v for k, v in d.items() if k != "data_type"},
+    ("basis-U-no-data-type", f"{VERSION}/U/zarr.json", lambda d: {k: v for k, v in d.items() if k != "data_type"},
      _basis_open, InvalidStoreError, r"U/zarr.json: malformed Zarr metadata"),
     ("basis-sigma-400-digits", BASIS_JSON, _basis("singular_values.0", 10**400), _basis_open, InvalidStoreError,
      "singular_values must be a list of 2 finite numbers"),
@@ -661,12 +888,89 @@ def edited(base: Base, key: str, edit: Callable[[Any], Any] | bytes) -> MemorySt
     return base.memory(key, edit if isinstance(edit, bytes) else dumps(edit(base.doc(key))))
 
 
+def _without(field: str) -> Callable[[Any], Any]:
+    return lambda doc: {k: v for k, v in doc.items() if k != field}
+
+
 @pytest.mark.parametrize("key, edit, act, error, match", [pytest.param(*row[1:], id=row[0]) for row in REFUSED])
-def test_malformed_metadata_is_refused(base: Base, key: str, edit: Any, act: Callable[[Any], Any],
-                                       error: type[Exception], match: str) -> None:
-    zstore = edited(base, key, edit)
+def test_malformed_metadata_is_refused(bases: Callable[[str], Base], key: str, edit: Any,
+                                       act: Callable[[Any], Any], error: type[Exception], match: str) -> None:
+    zstore = edited(bases(key), key, edit)
     with bounded(f"{key}: {match}"), pytest.raises(error, match=match):  # a clear error naming the value
         act(zstore)
+
+
+def _nudge(path: str, delta: int) -> Callable[[Any], Any]:
+    keys = tuple(int(k) if k.isdigit() else k for k in path.split("."))
+    return lambda doc: _set(doc, keys, get(doc, keys) + delta)
+
+
+def _read(i: int) -> Callable[[TrajectoryStore], Any]:
+    return lambda store: store.snapshot(i)
+
+
+def _buffers(i: int) -> Callable[[TrajectoryStore], Any]:
+    return lambda store: store.buffer_bytes(i)
+
+
+# A damaged log document: (id, document, edit, the count the store opens with, what the log reports
+# as skipped (None: nothing), a reader, and the error it raises (None: it reads the original values)).
+# A document that does not parse, or does not match its name, does not count; a generation's
+# base fences off older commits; a commit's row and checksums are checked on every read; and a seal
+# that is not exactly what its commits say is passed over for them.
+CHUNK_MISMATCH = r"not the one its commit recorded"
+LOG_EDITS = [
+    ("commit-not-json", COMMIT0, b"\xff{", 0, "not a JSON document", None, None, None),
+    ("commit-index-not-its-name", COMMIT3, _at("index", 2), 3, "differ from its name", None, None, None),
+    ("commit-token-not-hex", COMMIT3, _at("token", "x" * 32), 3, "is not 32 hex digits", None, None, None),
+    ("commit-names-another-row", COMMIT3, _at("row", 2), 4, None, _read(3), CorruptSnapshotError,
+     rf"snapshot 3 .*chunk 0 .*{CHUNK_MISMATCH}"),
+    ("commit-names-a-row-never-written", COMMIT3, _at("row", 2**40), 4, None, _read(3), CorruptSnapshotError,
+     r"snapshot 3 .*chunk 0 .*chunk file is missing"),
+    ("commit-crc-nudged", COMMIT3, _nudge("crc.4", 1), 4, None, _read(3), CorruptSnapshotError,
+     rf"snapshot 3 .*chunk 4 .*{CHUNK_MISMATCH}"),
+    ("commit-buffers-crc-nudged", COMMIT3, _nudge("buffers_crc", 1), 4, None, _buffers(3), CorruptSnapshotError,
+     rf"snapshot 3 .*buffers chunk is {CHUNK_MISMATCH}"),
+    ("commit-without-crcs", COMMIT3, lambda d: {**d, "crc": None, "buffers_crc": None}, 4, None, None, None, None),
+    ("generation-not-json", GEN1, b"", 0, "not a JSON document", None, None, None),
+    ("generation-seq-not-its-name", GEN2, _at("seq", 3), 2, "differ from its name", None, None, None),
+    ("generation-base-fences-older", GEN2, _at("base", 1), 1, None, None, None, None),
+    ("generation-base-past-the-commits", GEN2, _at("base", 5), 4, None, None, None, None),
+    ("generation-base-out-of-range", GEN2, _at("base", 2**40), 2, "out of range", None, None, None),
+    ("seal-not-json", SEAL, b"[", 257, "not a seal of 256 entries", None, None, None),
+    ("seal-one-entry-short", SEAL, lambda d: {**d, "entries": d["entries"][1:]}, 257, "not a seal of 256 entries",
+     None, None, None),
+    ("seal-entries-out-of-order", SEAL, lambda d: {**d, "entries": d["entries"][::-1]}, 257,
+     "not the snapshots of segment 0", None, None, None),
+    ("seal-of-an-unknown-generation", SEAL, _at("entries.7.seq", 2), 257, None, None, None, None),
+    ("seal-names-another-row", SEAL, _at("entries.5.row", 6), 257, None, _read(5), CorruptSnapshotError,
+     rf"snapshot 5 .*chunk 0 .*{CHUNK_MISMATCH}"),
+    ("seal-buffers-crc-nudged", SEAL, _nudge("entries.9.buffers_crc", 1), 257, None, _buffers(9),
+     CorruptSnapshotError, rf"snapshot 9 .*buffers chunk is {CHUNK_MISMATCH}"),
+]
+
+
+@pytest.mark.parametrize("key, edit, count, skipped, act, error, match",
+                         [pytest.param(*row[1:], id=row[0]) for row in LOG_EDITS])
+def test_damaged_log_document(bases: Callable[[str], Base], key: str, edit: Any, count: int, skipped: str | None,
+                              act: Callable[[TrajectoryStore], Any] | None, error: type[Exception] | None,
+                              match: str | None) -> None:
+    base = bases(key)
+    zstore = edited(base, key, edit)
+    with bounded(f"{key}: damaged log document"), TrajectoryStore.open(zstore) as store:
+        assert len(store) == count  # a prefix of the original snapshots ...
+        assert store.records == base.records[:count]  # ... with their records
+        problems = " ".join(store.log.problems)
+        if skipped is None:
+            assert not problems, problems  # nothing was skipped as unusable
+        else:
+            assert base.key(key) in problems and skipped in problems, problems  # the skipped document, named
+        if error is None:
+            np.testing.assert_array_equal(store.read_rows(slice(None), slice(None)), base.snapshots[:count])
+        else:
+            assert act is not None
+            with pytest.raises(error, match=match):
+                act(store)  # a wrong place or checksum is caught on read: never another snapshot's numbers
 
 
 # A damaged Gram cache is ignored (never trusted) and rewritten by the next gram_matrix.
@@ -711,10 +1015,16 @@ def test_damaged_trajectory_is_reported_not_hidden(base: Base) -> None:
     assert not verify(zstore, sources=False).ok  # verify reports it too
 
 
-def test_records_without_metrics_read_as_empty(base: Base) -> None:
-    doc = base.doc(TRAJ_JSON)
-    del doc["attributes"]["trajstore_commit"]["records"][1]["metrics"]
-    zstore = base.memory(TRAJ_JSON, dumps(doc))
+COMMIT1 = f"{TRAJ}/log/commit/000000/0000000001-00000001-*.json"
+
+
+@pytest.mark.parametrize("key, record", [(COMMIT1, "record"), (TRAJ_V1, "attributes.trajstore_commit.records.1")],
+                         ids=["commit", "format-1"])
+def test_records_without_metrics_read_as_empty(bases: Callable[[str], Base], key: str, record: str) -> None:
+    base = bases(key)
+    doc = base.doc(key)
+    del get(doc, tuple(int(k) if k.isdigit() else k for k in record.split(".")))["metrics"]
+    zstore = base.memory(key, dumps(doc))
     with TrajectoryStore.open(zstore) as store:
         assert store.records[1]["metrics"] == {}  # the key readers rely on is there
     assert "t = 4 snapshots" in format_info(store_info(zstore))  # info prints it (it raised TypeError)
@@ -723,9 +1033,10 @@ def test_records_without_metrics_read_as_empty(base: Base) -> None:
 @pytest.mark.parametrize("field, value", [("since", 10**400), ("since", float("nan")), ("pid", 2**70),
                                           ("heartbeat", 10**400), ("host", "x" * 10_000)],
                          ids=["since-400-digits", "since-nan", "pid-2**70", "heartbeat-400-digits", "host-10k"])
-def test_hostile_lease_document(base: Base, local: Path, field: str, value: Any) -> None:
+def test_hostile_lease_document(base: Base, tmp_path: Path, field: str, value: Any) -> None:
     """writer.json names the holder in a refusal, and decides liveness on other backends."""
     doc = {**_lease_doc(), field: value}
+    local = write_local(tmp_path / "store.zarr", base.files)  # a copy: opening to write adds a generation
     with TrajectoryStore.open(local, "a"), planted(local, WRITER, dumps(doc)):
         with pytest.raises(WriterConflictError, match=r"already has a live writer: pid .{0,60} on host"):
             TrajectoryStore.open(local, "a")  # the flock decides; the document only names the holder
@@ -751,30 +1062,35 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_planted_pickles_are_never_executed(base: Base, tmp_path: Path) -> None:
+def test_planted_pickles_are_never_executed(bases: Callable[[str], Base], tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     payload = pickle.dumps(_Payload(marker))
     pickle.loads(payload)
     assert marker.exists()  # the payload is live: loading it runs code
     marker.unlink()
-    chunks = [f"{TRAJ}/params/c/0/0", f"{TRAJ}/buffers/c/0/0", f"{TRAJ}/gram/g4/c/0/0", f"bases/{BASIS}/U/c/0/0"]
-    extra = ["model.pt", "model.pkl", f"{TRAJ}/params.pkl", f"{TRAJ}/state.pt", f"bases/{BASIS}/basis.pkl"]
-    for key in DOCS + [WRITER] + chunks + extra:
+    chunks = [f"{TRAJ}/params/c/0/0", f"{TRAJ}/buffers/c/0/0", f"{TRAJ}/gram/g4/c/0/0", f"{VERSION}/U/c/0/0"]
+    extra = ["model.pt", "model.pkl", f"{TRAJ}/params.pkl", f"{TRAJ}/state.pt", f"bases/{BASIS}/basis.pkl",
+             f"{TRAJ}/log/commit/000000/0000000004.pkl", f"{TRAJ}/log/gen/state.pt"]
+    roots: dict[int, Path] = {}
+    for doc in DOCS + [WRITER] + chunks + extra:
+        base = bases(doc)
         readers = Readers(base, None)  # every reader, whatever the key
-        with bounded(f"pickle at {key}"):
-            readers.run(base.memory(key, payload), writes=True, check_verify=True)
-        root = tmp_path / "local"
-        for k, v in {**base.files, key: payload}.items():
-            (root / k).parent.mkdir(parents=True, exist_ok=True)
-            (root / k).write_bytes(v)
+        # (The sealed store holds no derived data to recompute; and a Gram pass over its 257
+        # snapshots takes a float64 work buffer of t x 65536 values, 134 MB, past the bound.)
+        with bounded(f"pickle at {doc}"):
+            readers.run(base.memory(doc, payload), writes=base.gram is not None, check_verify=True)
+        if id(base) not in roots:  # one local copy of each store, the payload planted in it by turns
+            roots[id(base)] = write_local(tmp_path / f"local-{len(roots)}", base.files)
         readers = Readers(base, None)
-        with bounded(f"local pickle at {key}"):
-            readers.run(LocalStore(root, read_only=True), check_verify=True)
-        assert not marker.exists(), key  # no reader unpickled anything
-        if key in TRAJECTORY_DOCS - {"trajectories/zarr.json"}:  # (that one open never reads)
-            assert readers.outcomes["open"] != "ok", key  # pickled metadata is refused, not parsed
-        if key in extra:
-            assert readers.outcomes["open"] == "ok", key  # stray files are ignored, never loaded
+        with planted(roots[id(base)], base.key(doc), payload), bounded(f"local pickle at {doc}"):
+            readers.run(LocalStore(roots[id(base)], read_only=True), check_verify=True)
+        assert not marker.exists(), doc  # no reader unpickled anything
+        if doc in TRAJECTORY_DOCS - {"trajectories/zarr.json"} - LOG_DOCS:  # (that one open never reads)
+            assert readers.outcomes["open"] != "ok", doc  # pickled metadata is refused, not parsed
+        if doc in LOG_DOCS:
+            assert readers.count == IGNORED[doc], doc  # a pickled log document is skipped, never parsed
+        if doc in extra:
+            assert readers.outcomes["open"] == "ok" and readers.count == base.t, doc  # stray files are ignored
 
 
 def test_library_never_deserializes_code() -> None:

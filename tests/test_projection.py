@@ -114,7 +114,7 @@ def test_mmap_detects_a_damaged_basis_chunk(stored: tuple[Path, str], tmp_path: 
     path, name = stored
     copy = tmp_path / "copy.zarr"
     shutil.copytree(path, copy)
-    chunk = copy / "bases" / name / "U" / "c" / "3" / "0"
+    chunk = copy / open_basis(copy, name).path / "U" / "c" / "3" / "0"  # its version folder
     data = bytearray(chunk.read_bytes())
     data[17] ^= 0x10
     chunk.write_bytes(bytes(data))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import cnn, flat_params, train_steps
-from trajstore import LayoutMismatchError, NonFiniteError, Recorder, StoreExistsError, TrajectoryStore
+from trajstore import LayoutMismatchError, NonFiniteError, Recorder, StoreExistsError, TrajectoryNotFoundError, TrajectoryStore
 from trajstore.errors import InvalidStoreError
 
 
@@ -106,11 +106,10 @@ def test_resume_goes_on_and_a_new_recorder_does_not_overwrite(tmp_path: Path) ->
 
 
 def _drop_commit(path: Path) -> None:
-    """Make the trajectory look as a creation killed before its first commit record leaves it."""
-    meta_path = path / "trajectories" / "default" / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    del meta["attributes"]["trajstore_commit"]
-    meta_path.write_text(json.dumps(meta))
+    """Make the trajectory look as a creation killed before its group document (written last)
+    leaves it: arrays and lease files, no group document, no commit log yet."""
+    (path / "trajectories" / "default" / "zarr.json").unlink()
+    shutil.rmtree(path / "trajectories" / "default" / "log")
 
 
 def test_resume_after_a_creation_killed_before_its_first_commit(tmp_path: Path) -> None:
@@ -119,8 +118,8 @@ def test_resume_after_a_creation_killed_before_its_first_commit(tmp_path: Path) 
     model = cnn(0)
     TrajectoryStore.create(tmp_path / "t.zarr", model).close()
     _drop_commit(tmp_path / "t.zarr")
-    with pytest.raises(InvalidStoreError, match="never completed"):
-        TrajectoryStore.open(tmp_path / "t.zarr")  # the half-created trajectory is not readable
+    with pytest.raises(TrajectoryNotFoundError, match="holds no trajectory"):
+        TrajectoryStore.open(tmp_path / "t.zarr", trajectory="default")  # the half-created trajectory is not there
     with Recorder(tmp_path / "t.zarr", model, resume=True, background=False) as rec:
         assert len(rec) == 1  # created anew, with snapshot 0
         rec.snapshot(step=1)
@@ -134,9 +133,9 @@ def test_resume_does_not_replace_a_damaged_committed_trajectory(tmp_path: Path) 
     shutil.rmtree(tmp_path / "t.zarr" / "trajectories" / "default" / "params")
     with pytest.raises(InvalidStoreError, match="arrays are missing"):
         Recorder(tmp_path / "t.zarr", model, resume=True)  # raised as found, not created anew
-    # the commit record still names both snapshots: nothing was overwritten
-    meta = json.loads((tmp_path / "t.zarr" / "trajectories" / "default" / "zarr.json").read_text())
-    assert meta["attributes"]["trajstore_commit"]["count"] == 2
+    # the commit log still names both snapshots: nothing was overwritten
+    log = tmp_path / "t.zarr" / "trajectories" / "default" / "log" / "commit"
+    assert sorted(p.name[:10] for p in log.glob("*/*.json")) == ["0000000000", "0000000001"]
 
 
 def test_rng_state_is_the_one_at_the_snapshot_call(tmp_path: Path) -> None:

@@ -104,15 +104,28 @@ def test_a_missing_or_damaged_buffers_chunk_is_found(store: Path) -> None:
     (buffers / "6" / "0").write_bytes(bytes(raw))
     errors = _errors(verify(store))
     assert "snapshot 4" in errors and "buffers chunk is missing" in errors
-    assert "snapshot 6" in errors and "buffers failed to decode" in errors
+    assert "snapshot 6" in errors and "buffers chunk failed its crc32c checksum" in errors
 
 
-def _rewrite_snapshot(path: Path, row: int, change: callable) -> None:
-    """Give snapshot ``row`` new values with valid checksums (as a buggy or hostile writer would)."""
+def _rewrite_snapshot(path: Path, row: int, change: callable, recommit: bool = True) -> None:
+    """Give snapshot ``row`` new values with valid checksums (as a buggy or hostile writer would);
+    with ``recommit``, its commit document's chunk checksums are rewritten to match too, so that
+    only a check against something else (a basis' fingerprints, its spectrum) can tell."""
     store = TrajectoryStore.open(path)
     values = change(store.snapshot(row).copy())
-    for j, a in enumerate(range(0, store.n, CHUNK)):
-        _backend.write_chunk_file(_params_chunk(path, row, j), values[a:a + CHUNK], (CHUNK,), np.nan)
+    crcs = [_backend.write_chunk_file(_params_chunk(path, row, j), values[a:a + CHUNK], (CHUNK,), np.nan)
+            for j, a in enumerate(range(0, store.n, CHUNK))]
+    if recommit:
+        [doc_path] = (path / "trajectories" / "default" / "log" / "commit").glob(f"*/{row:010d}-*.json")
+        doc = json.loads(doc_path.read_text())
+        doc_path.write_text(json.dumps({**doc, "crc": crcs}))
+
+
+def test_snapshot_values_changed_under_valid_chunk_checksums_are_caught_by_the_commit(store: Path) -> None:
+    _rewrite_snapshot(store, 6, lambda w: w * 1.5, recommit=False)
+    with pytest.raises(trajstore.CorruptSnapshotError, match="snapshot 6 .* not the one its commit recorded"):
+        TrajectoryStore.open(store).snapshot(6)  # every read compares the chunk with its commit
+    assert "snapshot 6" in _errors(verify(store, sources=False))  # and verify, without the basis check
 
 
 def test_a_basis_whose_source_snapshots_changed_is_found(store: Path) -> None:
@@ -138,18 +151,19 @@ def test_a_basis_of_an_older_format_is_checked_by_its_spectrum(store: Path) -> N
 
 
 def test_damage_to_the_basis_itself_is_found(store: Path) -> None:
-    u = store / "bases" / BASIS / "U" / "c" / "0" / "0"
+    arrays = store / trajstore.open_basis(store, BASIS).path  # the basis' current version folder
+    u = arrays / "U" / "c" / "0" / "0"
     raw = bytearray(u.read_bytes())
     raw[40] ^= 0x80
     u.write_bytes(bytes(raw))
-    (store / "bases" / BASIS / "mean" / "c" / "0").unlink()
+    (arrays / "mean" / "c" / "0").unlink()
     errors = _errors(verify(store))
     assert "U rows [0," in errors and "failed to decode" in errors  # the flipped bit in U
     assert "mean rows [0," in errors and "missing" in errors  # the deleted chunk of the mean
 
 
 def test_a_basis_with_its_columns_swapped_is_found(store: Path) -> None:
-    group = zarr.open_group(str(store), path=f"bases/{BASIS}", mode="r+")
+    group = zarr.open_group(str(store), path=trajstore.open_basis(store, BASIS).path, mode="r+")
     u = group["U"][...]
     group["U"][...] = u[:, [1, 0, 2]]  # still orthonormal, valid checksums, wrong directions
     errors = _errors(verify(store))
@@ -158,7 +172,7 @@ def test_a_basis_with_its_columns_swapped_is_found(store: Path) -> None:
 
 def test_left_overs_of_interrupted_work_are_warnings(store: Path) -> None:
     writer = TrajectoryStore.open(store, "a")
-    writer._params.resize((T + 1, writer.n))  # an append killed after growing the array
+    writer._writer.write_params(T, [p.detach() for p in Net().parameters()])  # an append killed before its commit
     writer.close()
     (store / "trajectories" / "default" / "params" / "c" / ".0.1234.99.partial").write_bytes(b"x" * 10)
     group = zarr.open_group(str(store), path=f"bases/{BASIS}", mode="r+")
@@ -166,7 +180,7 @@ def test_left_overs_of_interrupted_work_are_warnings(store: Path) -> None:
     report = verify(store)
     assert report.ok  # none of these is damage: the library recovers from each by itself
     text = "\n".join(f.message for f in report.warnings)
-    assert f"rows [{T}, {T + 1})" in text and "temporary files" in text and "incomplete" in text
+    assert f"rows {T} of params hold no committed snapshot" in text and "temporary files" in text and "incomplete" in text
 
 
 def test_cli_exit_status_and_json(sound: Path, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,8 +201,9 @@ def test_a_memory_store_is_verified_through_zarr(sound: Path) -> None:
         _backend.sync(dst.set(key, value))
     assert verify(url).ok  # the generic (non-local) read path checks the same way
     arr = zarr.open_array(dst, path="trajectories/default/params", mode="r+")
-    arr[2, 7] = arr[2, 7] + 1  # valid checksums, changed source
-    assert "snapshots 2 of trajectory 'default' changed" in _errors(verify(url))
+    arr[2, 7] = arr[2, 7] + 1  # a valid chunk checksum, but not the chunk snapshot 2's commit recorded
+    errors = _errors(verify(url))
+    assert "snapshot 2 of trajectory 'default'" in errors and "not the one its commit recorded" in errors
 
 
 async def _list(store: zarr.abc.store.Store) -> list[str]:

@@ -7,14 +7,22 @@ restarted pass with the same identity loads the finished blocks' partials instea
 them; summing the same float64 partials in the same order gives the same bytes, so a resumed pass
 equals an uninterrupted one bit for bit. A group of another identity is discarded.
 
-Each partial is its own Zarr array with a crc32c codec; one that fails to decode, has the wrong
-shape or holds non-finite values (a write cut short) counts as not done and is recomputed. A
-basis pass saves a block's partial only after the block's rows of U are written, so a saved
-partial means the block's rows are on the store.
+Each partial is its own Zarr array with a crc32c codec, tagged with a hash of its pass' identity;
+one that fails to decode, has the wrong shape or tag, or holds non-finite values (a write cut
+short) counts as not done and is recomputed. A basis pass saves a block's partial only after the
+block's rows of U are written, so a saved partial means the block's rows are on the store.
+
+Two processes may run the same pass at once (the Gram pass of one trajectory, for two bases):
+they save the same partials, and one's removal of the checkpoint may pull files from under the
+other's save. Such a lost race costs a recomputation, never an error, and the tag keeps a
+partial of one pass from being summed into another.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,9 +32,18 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import _backend
 
-__all__ = ["BlockCheckpoint", "resumable"]
+__all__ = ["BlockCheckpoint", "lost_race", "resumable"]
 
 _CRC: dict[str, Any] = {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": None}
+_TAG = "trajstore_pass"
+
+
+def lost_race(e: BaseException) -> bool:
+    """Whether ``e`` is what a concurrent writer of the same derived data causes (a node created, or
+    a folder removed, under this writer's feet), not a failure of the backend."""
+    if isinstance(e, (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileNotFoundError)):
+        return True
+    return isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST)
 
 
 class BlockCheckpoint:
@@ -35,6 +52,7 @@ class BlockCheckpoint:
     def __init__(self, zstore: zarr.abc.store.Store, path: str, identity: Mapping[str, Any]) -> None:
         self._zstore, self._path = zstore, path
         self._identity = dict(identity)
+        self._tag = hashlib.sha256(json.dumps(self._identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
         self.saved = 0  # blocks found saved by prepare()
 
     def prepare(self) -> int:
@@ -55,15 +73,33 @@ class BlockCheckpoint:
             assert group is not None
             return sum(1 for _ in group.array_keys())
         self.clear()
-        zarr.open_group(self._zstore, path=self._path, mode="w", zarr_format=3,
-                        attributes={"trajstore_pass": self._identity})
+        try:
+            zarr.create_group(store=self._zstore, path=self._path, zarr_format=3, overwrite=False,
+                              attributes={"trajstore_pass": self._identity})
+        except (OSError, ValueError) as e:
+            if not lost_race(e):
+                raise
+            return self._prepare_again()
+        return 0
+
+    def _prepare_again(self) -> int:
+        """After another process created the group first: its pass is this one, or (once) start afresh."""
+        try:
+            group = _backend.open_group(self._zstore, self._path, "r")
+            if group.attrs.get("trajstore_pass") == self._identity:
+                return sum(1 for _ in group.array_keys())
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self.clear()
+        zarr.create_group(store=self._zstore, path=self._path, zarr_format=3, overwrite=True,
+                          attributes={"trajstore_pass": self._identity})
         return 0
 
     def load(self, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
         """Block ``k``'s saved partial, or None when it is absent or damaged."""
         try:
             array = zarr.open_array(self._zstore, path=f"{self._path}/b{k}", mode="r")
-            if array.shape != shape or array.dtype != np.float64:
+            if array.shape != shape or array.dtype != np.float64 or array.attrs.get(_TAG) != self._tag:
                 return None
             value = np.asarray(array[...])
         except Exception:  # absent, or a partial write: either way the block is computed again
@@ -72,15 +108,27 @@ class BlockCheckpoint:
 
     def save(self, k: int, value: np.ndarray) -> None:
         value = np.asarray(value, dtype=np.float64)
-        array = zarr.create_array(self._zstore, name=f"{self._path}/b{k}", shape=value.shape, chunks=value.shape,
-                                  dtype=np.float64, fill_value=np.nan, overwrite=True, **_CRC)
-        array[...] = value
+        try:
+            array = zarr.create_array(self._zstore, name=f"{self._path}/b{k}", shape=value.shape, chunks=value.shape,
+                                      dtype=np.float64, fill_value=np.nan, overwrite=True, attributes={_TAG: self._tag},
+                                      **_CRC)
+            array[...] = value
+        except (OSError, ValueError) as e:
+            if not lost_race(e):
+                raise  # a failing backend (a full disk, say) is the caller's to hear about
 
     def clear(self) -> None:
-        try:
-            _backend.sync(self._zstore.delete_dir(self._path))
-        except FileNotFoundError:
-            pass
+        """Remove the checkpoint; a concurrent writer's files appearing meanwhile are retried, then
+        left (a stale checkpoint is dropped by a later pass)."""
+        for _ in range(3):
+            try:
+                _backend.sync(self._zstore.delete_dir(self._path))
+                return
+            except (OSError, ValueError) as e:
+                if not lost_race(e):
+                    raise
+                if isinstance(e, FileNotFoundError):
+                    return
 
 
 def resumable(task: Callable[..., np.ndarray], k: int, shape: tuple[int, ...],

@@ -66,6 +66,18 @@ class WriterLease:
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Whether the previous holder may still be running (a lapsed heartbeat, or a lease document
+        # it never removed, from a process not known to be dead): its late writes must be fenced.
+        self.took_over = False
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @property
+    def fenced_by_kernel(self) -> bool:
+        """True for an flock: no other process can hold the lease while this one lives."""
+        return self._fd is not None
 
     def _doc(self) -> dict[str, Any]:
         now = time.time()
@@ -73,11 +85,23 @@ class WriterLease:
                 "since": now, "heartbeat": now, "ttl": self._ttl}
 
     def acquire(self, name: str) -> None:
-        if self._lock_path is not None:
-            self._acquire_flock(name)
-        else:
-            self._acquire_lease(name)
-        write_json(self._store, self._key, self._doc())
+        """Take the lease (WriterConflictError while another live writer holds it). A failure
+        part-way gives back whatever was taken: no heartbeat or flock is left behind."""
+        try:
+            if self._lock_path is not None:
+                self._acquire_flock(name)
+                previous = self._read()
+                self.took_over = isinstance(previous, dict) and not self._dead(previous)
+            else:
+                self._acquire_lease(name)
+            write_json(self._store, self._key, self._doc())
+        except BaseException:
+            self._stop.set()
+            try:
+                self.release()
+            except Exception:
+                self.release(quiet=True)
+            raise
 
     def _acquire_flock(self, name: str) -> None:
         import fcntl
@@ -103,6 +127,7 @@ class WriterLease:
                 f"trajectory {name!r} already has a live writer: {_holder_text(current)}; "
                 f"its lease expires {self._ttl:.0f} s after its last heartbeat"
             )
+        self.took_over = current is not None and not self._dead(current)
         write_json(self._store, self._key, self._doc())
         # A competing taker may have written between our read and write; the last write wins
         # and the loser finds out here (or, at the latest, in check() before its first commit).
@@ -110,6 +135,12 @@ class WriterLease:
         self.check(name)
         self._thread = threading.Thread(target=self._heartbeat, name=f"trajstore-lease-{name}", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _dead(doc: Any) -> bool:
+        """Whether the holder named by ``doc`` is known to be gone (a dead pid on this host)."""
+        return (isinstance(doc, dict) and doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int)
+                and not _pid_alive(doc["pid"]))
 
     def _is_live(self, doc: Any) -> bool:
         if not isinstance(doc, dict):

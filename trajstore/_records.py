@@ -17,7 +17,7 @@ from .errors import InvalidStoreError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SnapshotRecord", "decode_rng", "make_record", "parse_commit"]
+__all__ = ["SnapshotRecord", "check_record", "decode_rng", "make_record", "parse_commit"]
 
 SnapshotRecord = dict[str, Any]
 MAX_SNAPSHOTS = 10_000_000
@@ -78,7 +78,7 @@ def decode_rng(record: SnapshotRecord) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
-def _check_record(i: int, rec: object, where: str) -> SnapshotRecord:
+def check_record(i: int, rec: object, where: str) -> SnapshotRecord:
     if not isinstance(rec, dict):
         raise InvalidStoreError(f"{where}: record of snapshot {i} is not a JSON object")
     for key in ("step", "epoch", "lr", "time", "append_seconds"):
@@ -104,4 +104,4 @@ def parse_commit(doc: object, where: str) -> tuple[int, list[SnapshotRecord]]:
         raise InvalidStoreError(f"{where}: committed count must be an integer in [0, {MAX_SNAPSHOTS}], got {count!r:.100}")
     if not isinstance(records, list) or len(records) != count:
         raise InvalidStoreError(f"{where}: commit lists {len(records) if isinstance(records, list) else records!r:.100} records for {count} snapshots")
-    return count, [_check_record(i, r, where) for i, r in enumerate(records)]
+    return count, [check_record(i, r, where) for i, r in enumerate(records)]

@@ -113,27 +113,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from pipelines.experiment import load_config, train_subspace
+    from pipelines.experiment import check_store_model, config_from_store, train_subspace
 
     from .basis import open_basis
     from .dldr import dldr
+    from .errors import InvalidStoreError
     from .store import TrajectoryStore
 
     with TrajectoryStore.open(args.store, trajectory=args.trajectory) as store:
-        attrs, trajectory = store.attrs, store.name
+        attrs, trajectory, layout = store.attrs, store.name, store.layout
     recorded = attrs.get("experiment")
     flags = {k: str(v) for k, v in vars(args).items() if k in ("data", "data_root", "model", "device") and v is not None}
-    if not isinstance(recorded, dict) and not {"data", "model"} <= set(flags):
+    if recorded is None and not {"data", "model"} <= set(flags):
         raise SystemExit(f"trajstore train: {args.store} was not recorded by 'trajstore sample'; "
                          "say which --data and --model it holds")
-    cfg = load_config(recorded if isinstance(recorded, dict) else {}).with_overrides(**flags)
+    # A store's attrs are input like any file's: checked (types, ranges, a known model of the
+    # store's size, built on the meta device) before a model, a basis or a data set is made from them.
+    cfg = config_from_store({} if recorded is None else recorded).with_overrides(**flags)
+    seed = attrs.get("seed", 0)
+    if type(seed) is not int or not 0 <= seed < 2**63:
+        raise InvalidStoreError(f"the store's attribute seed = {seed!r:.100} is not an integer in [0, 2**63)")
+    check_store_model(cfg, layout)
     if args.basis:
         basis = open_basis(args.store, args.basis)
     else:
         basis = dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory, progress=True)
     folder = Path(args.out) if args.out else Path(os.fspath(args.store)).resolve().parent
     tag = f"train-{args.optimizer}-{basis.name}-e{args.epochs}-b{args.batch_size}"
-    result = train_subspace(cfg, folder, int(attrs.get("seed", 0)), args.optimizer, basis, epochs=args.epochs,
+    result = train_subspace(cfg, folder, seed, args.optimizer, basis, epochs=args.epochs,
                             batch_size=args.batch_size, tag=tag, store=args.store)
     last = result["history"][-1] if result["history"] else {"test_acc": float("nan")}
     print(f"{args.optimizer} in {basis.name} ({basis.d}-D, window [{basis.start}, {basis.stop})): "
@@ -153,7 +160,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # shapes only: nothing is allocated, whatever the model's size
         model, shape = resolve_model(args.model, shape)
     acts = activation_bytes(model, shape, args.batch) if args.batch and shape else 0
-    result = plan(Layout.from_model(model), args.snapshots, args.dim, storage_dtype=args.storage_dtype,
+    result = plan(Layout.from_model(model, allow_meta=True), args.snapshots, args.dim, storage_dtype=args.storage_dtype,
                   device=args.device, workers=args.workers, activations=acts)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
     return 0

@@ -32,11 +32,13 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import _backend, _linalg, _progress
-from ._checkpoint import BlockCheckpoint
+from . import basis as _bases
+from ._checkpoint import BlockCheckpoint, lost_race
 from ._dask import Scratch, block_size, block_tasks
 from ._fingerprint import piece_fingerprints
-from .basis import BASES_ROOT, FORMAT_VERSION, Basis, basis_path, list_bases, open_basis
-from .errors import CorruptSnapshotError, InvalidStoreError, SnapshotIndexError
+from ._names import check_name
+from .basis import BASES_ROOT, FORMAT_VERSION, Basis, list_bases, open_basis
+from .errors import CorruptSnapshotError, InvalidStoreError, SnapshotIndexError, TrajectoryNotFoundError
 from .store import TrajectoryStore
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "dldr", "gram_matrix"]
@@ -214,8 +216,12 @@ def _read_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store) -> n
     try:
         with _backend.metadata_errors(f"{store.prefix}/gram/{name}/zarr.json"):
             array = group[name]
-        # Shape and dtype before reading: the read allocates from the shape.
+        # Shape and dtype before reading: the read allocates from the shape; and the chunk's
+        # stored size, so a cache claiming a large matrix it does not hold allocates nothing.
         if not isinstance(array, zarr.Array) or array.shape != (count, count) or array.dtype != np.float64:
+            return None
+        if array.chunks != (count, count) or \
+                _backend.sync(zstore.getsize(f"{store.prefix}/gram/{name}/c/0/0")) != count * count * 8 + 4:
             return None
         gram = np.asarray(array[...])
     except Exception:  # missing, undecodable (the codec pipeline raises many types): recompute
@@ -226,6 +232,17 @@ def _read_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store) -> n
 
 
 def _write_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store, gram: np.ndarray) -> None:
+    """Cache ``gram``; when another process writes the cache at the same moment and one of them
+    trips over the other's files, the loser leaves it to the winner (the cache is checked by its
+    values' hash when read: a mix of the two is recomputed, never trusted)."""
+    try:
+        _commit_cached_gram(store, zstore, gram)
+    except (OSError, ValueError) as e:
+        if not lost_race(e):
+            raise
+
+
+def _commit_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store, gram: np.ndarray) -> None:
     path = f"{store.prefix}/gram"
     try:
         group = _backend.open_group(zstore, path, "a")
@@ -274,6 +291,7 @@ def gram_matrix(store: TrajectoryStore, stop: int | None = None, *, client: Any 
         identity = {"kind": "gram", "stop": stop, "first": have, "n": store.n, "reference": 0,
                     "block": block_size(store, 0, stop, block_bytes), "digest": _records_digest(store, stop)}
         checkpoint = _pass_checkpoint(zstore, f"{store.prefix}/{GRAM_PASS}", identity)
+    store.check_present(0, stop)  # before t x t partials are allocated for snapshots that are not there
     new = _gram_pass(store, stop, have, client, num_workers, block_bytes, progress, checkpoint)
     if not np.all(np.isfinite(new)):
         raise CorruptSnapshotError(f"trajectory {store.name!r} in {store.url}: snapshots [0, {stop}) hold non-finite "
@@ -352,7 +370,9 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     block_bytes : int
         Target float32 bytes of one block of all t snapshots (rounded to whole store chunks).
     name : str, optional
-        Name of the basis in the store (default ``"{trajectory}-{start}-{stop}-d{d}"``).
+        Name of the basis in the store (default ``"{trajectory}-{start}-{stop}-d{d}"``): a letter or
+        digit, then letters, digits, ``.``, ``_`` or ``-``, at most 128 characters (ValueError, before
+        any work, otherwise). A stored basis of that name made of another window is replaced.
     num_workers : int, optional
         Threads of the local scheduler (default: one per core).
     overwrite : bool
@@ -363,6 +383,14 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     Returns
     -------
     Basis
+        This call's computation (or an equal one stored meanwhile by another process). Should the
+        name be recomputed afterwards, its reads raise CorruptSnapshotError saying so.
+
+    Raises
+    ------
+    WriterConflictError
+        Rarely, when another process computing the same name deleted this computation's version
+        folder, taking it for abandoned, before its commit; nothing was committed.
 
     Notes
     -----
@@ -375,6 +403,11 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     A call killed at any moment and made again resumes: blocks finished before the kill are
     loaded from their checkpoints (a t x t or d x d float64 partial each), and the result is the
     one an uninterrupted call gives, bit for bit.
+
+    Concurrent calls (other processes, other hosts sharing the store) never mix their results:
+    each computation writes its own version folder and commits it with one atomic write of the
+    basis' group document (see :mod:`trajstore.basis`). The stored basis is then the last one
+    committed, each caller gets its own, and equal computations running at once share one folder.
 
     The Gram matrix is taken relative to snapshot 0 of the trajectory and centred exactly
     (``J G J``); in float64 the centring loses about ``eps * |w_j - w_0|^2 / sigma_d^2`` in relative
@@ -392,6 +425,8 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     d = _check_d(d)
     if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
         raise ValueError(f"block_bytes must be a positive integer, got {block_bytes!r}")
+    if name is not None:
+        check_name(name, "basis")  # before any work: the name becomes a folder of the store
     if not isinstance(store, TrajectoryStore):
         if isinstance(store, np.ndarray) or type(store).__module__.startswith("dask"):
             return _dldr_array(store, d, client, block_bytes, num_workers)
@@ -402,45 +437,37 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     if t1 - t0 < 2:
         raise SnapshotIndexError(f"window [{start}, {stop}) of trajectory {store.name!r} with {len(store)} "
                                  "snapshots holds fewer than 2 snapshots")
+    name = check_name(f"{store.name}-{t0}-{t1}-d{d}" if name is None else name, "basis")
     zstore = _writable(store)
-    name = name or f"{store.name}-{t0}-{t1}-d{d}"
     source = {"trajectory": store.name, "start": t0, "stop": t1, "layout": store.layout.fingerprint,
               "digest": _records_digest(store, t1)}
-    present = _readable_basis_group(zstore, name)  # (an unreadable one is removed, overwrite or not)
-    if present and not overwrite:
-        try:
-            existing = open_basis(zstore, name)
-        except InvalidStoreError:
-            existing = None
-        if existing is not None and existing.d == d and existing.metadata.get("source") == source:
-            return existing
+    existing = _stored_basis(zstore, name)
+    if existing is not None and not overwrite and existing.d == d and existing.metadata.get("source") == source:
+        _bases.collect_garbage(zstore, name)  # versions of killed or superseded computations, if any
+        return existing
     gram = gram_matrix(store, t1, client=client, block_bytes=block_bytes, num_workers=num_workers, progress=progress)
     centred, sigma, v, evals = _eig(gram[t0:t1, t0:t1], d)
     return _write_basis(store, zstore, name, d, centred, sigma, v, evals, source, client, block_bytes, num_workers,
                         progress)
 
 
-def _readable_basis_group(zstore: zarr.abc.store.Store, name: str) -> bool:
-    """Whether the store holds a basis group of that name that Zarr can read. One it cannot read
-    is removed, by key: no one can use it (it is not marked complete in any readable way), and it
-    could not be replaced through Zarr."""
+def _stored_basis(zstore: zarr.abc.store.Store, name: str) -> Basis | None:
+    """The complete basis stored under ``name``, or None: none, incomplete, unreadable, or its
+    version deleted by a concurrent recomputation (all of which a computation replaces)."""
     if name not in list_bases(zstore):
-        return False
-    bases = _backend.open_group(zstore, BASES_ROOT, "r")  # a damaged bases/ group is an error, raised
+        return None
+    _backend.open_group(zstore, BASES_ROOT, "r")  # a damaged bases/ group is an error, raised
     try:
-        with _backend.metadata_errors(f"{basis_path(name)}/zarr.json"):
-            readable = name in bases  # what _write_basis asks of it, listing through Zarr
-        _backend.open_group(zstore, basis_path(name), "r")
-    except (InvalidStoreError, FileNotFoundError):
-        readable = False
-    if not readable:
-        _backend.sync(zstore.delete_dir(basis_path(name)))
-    return readable
+        return open_basis(zstore, name)
+    except (InvalidStoreError, CorruptSnapshotError, TrajectoryNotFoundError):
+        return None
 
 
 def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str, d: int, centred: np.ndarray,
                  sigma: np.ndarray, v: np.ndarray, evals: np.ndarray, source: dict[str, Any], client: Any,
                  block_bytes: int, num_workers: int | None, progress: bool) -> Basis:
+    """The basis pass, into a version folder of its own (or its own interrupted one), committed by
+    one atomic write of the basis group's document (see :mod:`trajstore.basis`)."""
     t0, t1 = source["start"], source["stop"]
     n = store.n
     u_rows = store.piece  # U chunks = the pieces the basis pass writes, whole; divides every block
@@ -451,22 +478,19 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
                 "v": hashlib.sha256(np.ascontiguousarray(v_scaled).tobytes()).hexdigest()}
     meta = _metadata(sigma, evals, n=n, start=t0, stop=t1, trajectory=store.name, name=name, source=source,
                      complete=False, created=time.time(), u_chunk_rows=u_rows)
-    group = _unfinished_basis(zstore, name, identity, centred)
+    stored = _prepare_basis_group(zstore, name, {**meta, "orthonormality": float("inf")})
+    group = _unfinished_version(zstore, name, identity, n, centred, stored)
     if group is None:
-        bases = _bases_group(zstore)
-        if name in bases:
-            _unmark(bases[name])
-            del bases[name]
-        group = bases.create_group(name, attributes={"trajstore": {**meta, "orthonormality": float("inf")},
-                                                     "trajstore_pass": identity})
+        group = _bases.create_version(zstore, name, {"trajstore_pass": identity, "created": meta["created"]})
         group.create_array("U", shape=(n, d), chunks=(u_rows, d), dtype=np.float32, fill_value=np.nan, **_CRC)
         group.create_array("mean", shape=(n,), chunks=(u_rows,), dtype=np.float32, fill_value=np.nan, **_CRC)
         group.create_array("gram", shape=centred.shape, chunks=centred.shape, dtype=np.float64, fill_value=np.nan,
                            **_CRC)
         group["gram"][...] = centred
     else:
-        meta["created"] = group.attrs["trajstore"].get("created", meta["created"])
-    path = basis_path(name)
+        meta["created"] = group.attrs.get("created", meta["created"])
+        group.update_attributes({"trajstore_owner": _bases.owner()})  # so it is not taken for abandoned
+    path = group.path
     checkpoint = _pass_checkpoint(zstore, f"{path}/{BASIS_PASS}", identity)
     writer = _BasisWriter(zstore, path, u_rows)
     tasks = block_tasks(store, t0, t1, block_bytes, _basis_task, v_scaled, writer, checkpoint=checkpoint,
@@ -477,45 +501,78 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
     meta["orthonormality"] = float(np.abs(utu - np.eye(d)).max())
     meta["source_fingerprints"] = [int(f) for f in total[d * d:]]
     meta["complete"] = True
+    meta["version"] = version = path.rsplit("/", 1)[1]
     if checkpoint is not None:
-        checkpoint.clear()  # before the mark: a complete basis holds U, mean and gram only
-    group.update_attributes({"trajstore": meta})
-    return open_basis(zstore, name)
+        checkpoint.clear()  # before the commit: a complete basis holds U, mean and gram only
+    # Opened before the commit: what is returned is this computation, whatever commits next.
+    basis = _bases.open_arrays(zstore, name, _bases.validate_meta(meta, name))
+    twin = _concurrent_twin(zstore, name, identity, (stored, version))
+    if twin is not None:
+        _bases.delete_version(zstore, name, version)
+        return twin
+    _bases.commit(zstore, name, meta)
+    return basis
 
 
-def _bases_group(zstore: zarr.abc.store.Store) -> zarr.Group:
-    """The ``bases`` group, open for writing; created when missing, and its one document rewritten
-    when it does not parse (a write cut short): the bases under it are untouched."""
+def _concurrent_twin(zstore: zarr.abc.store.Store, name: str, identity: dict[str, Any],
+                     known: tuple[str | None, str]) -> Basis | None:
+    """The basis another process committed while this one computed the very same thing (the same
+    pass identity, in a version of its own): returned rather than replaced by a copy, which would
+    pull its rows from under whoever opened it. None when there is none (or it cannot be read)."""
+    try:
+        meta = _bases.read_pointer(zstore, name)[1]
+        now = _bases.current_version(meta)
+        if not now or now in known:  # none, the one stored before this call began, or this one
+            return None
+        attrs = _bases.version_attrs(zstore, name, now)
+        if attrs is None or attrs.get("trajstore_pass") != identity:
+            return None
+        return _bases.open_arrays(zstore, name, _bases.validate_meta(meta, name))
+    except (OSError, ValueError):  # TrajstoreErrors included: then this computation is committed
+        return None
+
+
+def _prepare_basis_group(zstore: zarr.abc.store.Store, name: str, incomplete: dict[str, Any]) -> str | None:
+    """Make ``bases/`` and the basis group ready for a new version: ``bases/zarr.json`` created, or
+    rewritten when it does not parse (the bases under it are untouched); the basis group's document
+    written, marked incomplete, where there is none, and replaced where it does not parse (no one
+    can use it). Returns the version of the basis stored now (None for none)."""
     _backend.open_group(zstore, "", "r")  # the store's own root must be sound: not repaired here
     try:
-        return _backend.open_group(zstore, BASES_ROOT, "a")
+        _backend.open_group(zstore, BASES_ROOT, "r")
+    except FileNotFoundError:
+        _backend.sync(zstore.set_if_not_exists(f"{BASES_ROOT}/zarr.json", _bases.group_doc({})))
     except InvalidStoreError:
-        _backend.delete_key(zstore, f"{BASES_ROOT}/zarr.json")
-        return _backend.open_group(zstore, BASES_ROOT, "a")
+        _backend.sync(zstore.set(f"{BASES_ROOT}/zarr.json", _bases.group_doc({})))
+    exists, stored = _bases.read_pointer(zstore, name)
+    if exists:
+        try:
+            _backend.open_group(zstore, _bases.basis_path(name), "r")  # what Zarr asks of a version's parent
+        except (InvalidStoreError, FileNotFoundError):
+            stored = None
+        if stored is None:  # by key: its document may not even parse
+            _backend.delete_key(zstore, f"{_bases.basis_path(name)}/zarr.json")
+    _bases.init_pointer(zstore, name, incomplete)
+    return _bases.current_version(stored)
 
 
-def _unmark(group: Any) -> None:
-    """Mark a basis incomplete (one atomic write) before deleting it: a deletion killed halfway,
-    which removes keys in no set order, must not leave a 'complete' basis with chunks missing."""
-    doc = group.attrs.get("trajstore") if isinstance(group, zarr.Group) else None
-    if isinstance(doc, dict) and doc.get("complete"):
-        group.update_attributes({"trajstore": {**doc, "complete": False}})
-
-
-def _unfinished_basis(zstore: zarr.abc.store.Store, name: str, identity: dict[str, Any],
-                      centred: np.ndarray) -> zarr.Group | None:
-    """The group of an interrupted computation of this very basis, whose finished blocks can be
-    kept; None when there is none (or it was made of something else, or is damaged)."""
-    try:
-        group = _backend.open_group(zstore, basis_path(name), "r+")
-        doc = group.attrs.get("trajstore")
-        if not isinstance(doc, dict) or doc.get("complete") is not False or group.attrs.get("trajstore_pass") != identity:
-            return None
-        n, d = doc.get("n"), identity["d"]
-        if group["U"].shape != (n, d) or group["mean"].shape != (n,):
-            return None
-        if not np.array_equal(np.asarray(group["gram"][...]), centred):
-            return None
-    except Exception:  # missing arrays, a damaged document: start this basis afresh
-        return None
-    return group
+def _unfinished_version(zstore: zarr.abc.store.Store, name: str, identity: dict[str, Any], n: int,
+                        centred: np.ndarray, stored: str | None) -> zarr.Group | None:
+    """The version folder of an interrupted computation of this very basis (not the stored one),
+    whose finished blocks can be kept; None when there is none (or it was made of something else,
+    or is damaged). It may belong to a computation still running: both write the same bytes."""
+    for version in _bases.list_versions(zstore, name):
+        if version == stored:
+            continue
+        try:
+            attrs = _bases.version_attrs(zstore, name, version)
+            if attrs is None or attrs.get("trajstore_pass") != identity:
+                continue
+            group = _backend.open_group(zstore, _bases.version_path(name, version), "r+")
+            if group["U"].shape != (n, identity["d"]) or group["mean"].shape != (n,):
+                continue
+            if np.array_equal(np.asarray(group["gram"][...]), centred):
+                return group
+        except Exception:  # missing arrays, a damaged document: not this one
+            continue
+    return None

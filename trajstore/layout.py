@@ -12,6 +12,7 @@ checks every field before anything is allocated from it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -55,11 +56,11 @@ class ParamSpec:
     dtype: str
     offset: int
 
-    @property
-    def numel(self) -> int:
+    @functools.cached_property
+    def numel(self) -> int:  # cached: an append of a 50,000-tensor model asks 100,000 times
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def stop(self) -> int:
         return self.offset + self.numel
 
@@ -121,12 +122,36 @@ class Layout:
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> Layout:
+    def from_model(cls, model: torch.nn.Module, *, allow_meta: bool = False) -> Layout:
+        """The layout of ``model``, refusing what a store cannot hold before anything is written.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            Its parameters must be dense (``torch.strided``) float16, bfloat16, float32 or float64
+            tensors holding values; its persistent buffers dense tensors of a dtype in ``ITEMSIZE``.
+        allow_meta : bool
+            Accept parameters and buffers on torch's ``meta`` device (shapes without values), for
+            a layout that only plans or compares (``trajstore plan``, checking a store's recorded
+            model); never for one that records snapshots, which need the values.
+
+        Raises
+        ------
+        TypeError
+            A parameter of another dtype (float8, complex, integer) or a buffer of an unknown one.
+        LayoutMismatchError
+            A parameter or buffer on the meta device (unless ``allow_meta``) or not strided
+            (sparse, mkldnn...); the message names it.
+        ValueError
+            A model without parameters.
+        """
         params: list[ParamSpec] = []
         offset = 0
         for name, p in model.named_parameters():
-            if not p.dtype.is_floating_point:
-                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only float parameters can be stored")
+            _check_tensor("parameter", name, p, allow_meta)
+            if _dtype_name(p.dtype) not in _FLOAT_DTYPES:
+                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only float parameters can be stored "
+                                f"({', '.join(sorted(_FLOAT_DTYPES))})")
             params.append(ParamSpec(name, tuple(p.shape), _dtype_name(p.dtype), offset))
             offset += p.numel()
         if not params or offset == 0:
@@ -134,6 +159,10 @@ class Layout:
         buffers: list[BufferSpec] = []
         boffset = 0
         for name, b in _persistent_buffers(model):
+            _check_tensor("buffer", name, b, allow_meta)
+            if _dtype_name(b.dtype) not in ITEMSIZE:
+                raise TypeError(f"buffer {name!r} has dtype {b.dtype}, which a store cannot hold "
+                                f"(supported: {', '.join(sorted(ITEMSIZE))})")
             spec = BufferSpec(name, tuple(b.shape), _dtype_name(b.dtype), boffset)
             buffers.append(spec)
             boffset += spec.nbytes
@@ -198,6 +227,19 @@ class Layout:
     def slices(self) -> Iterator[tuple[ParamSpec, slice]]:
         for spec in self.params:
             yield spec, slice(spec.offset, spec.stop)
+
+
+def _check_tensor(kind: str, name: str, t: torch.Tensor, allow_meta: bool) -> None:
+    import torch
+
+    # A sparse or mkldnn tensor has no flat C-order view to copy into a snapshot, and a meta one
+    # no values: refused here, before a store is created, rather than failing in the first append.
+    if t.layout != torch.strided:
+        raise LayoutMismatchError(f"{kind} {name!r} is a {t.layout} tensor; only dense (torch.strided) "
+                                  f"{kind}s can be stored")
+    if t.device.type == "meta" and not allow_meta:
+        raise LayoutMismatchError(f"{kind} {name!r} is on the meta device (a shape without values); "
+                                  "materialize the model (model.to_empty(device=...) and initialize it) first")
 
 
 def _compare(kind: str, expected: Sequence[tuple[str, tuple[int, ...], str]],

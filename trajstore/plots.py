@@ -7,19 +7,31 @@ from pathlib import Path
 import numpy as np
 
 from ._backend import write_atomic
+from ._names import is_valid_name
 from .basis import Basis
 
 __all__ = ["plot_basis"]
 
 
 def plot_basis(basis: Basis, path: str | Path) -> Path:
-    """Explained-variance ratios and per-snapshot residuals of a basis (paper, Figure 2a)."""
+    """Explained-variance ratios and per-snapshot residuals of a basis (paper, Figure 2a).
+
+    Raises ValueError, writing nothing, for a path that climbs back out of a folder it names
+    (``a/../b.png``: what a basis name holding ``/..`` makes of ``folder / f"{name}.png"``), and for
+    a basis whose name breaks the naming rule (such a name is never used to build a path).
+    """
+    path = Path(path)
+    parts = list(path.parts)
+    while parts and parts[0] == "..":  # leading ones: a folder relative to the working directory
+        parts.pop(0)
+    if ".." in parts or (basis.name is not None and not is_valid_name(basis.name)):
+        raise ValueError(f"refusing to write the plot of basis {basis.name!r:.200} to {str(path)!r:.300}: "
+                         "the path leaves the folder it names")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     evr = basis.explained_variance_ratio
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     k = np.arange(1, basis.d + 1)

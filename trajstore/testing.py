@@ -39,7 +39,7 @@ __all__ = ["Call", "Fault", "FaultKind", "FaultyStore", "Op"]
 
 Op = Literal["get", "set", "delete", "list", "exists"]
 FaultKind = Literal["eio", "enospc", "transient", "short", "corrupt", "short_write", "corrupt_write", "drop",
-                    "lost_reply"]
+                    "lost_reply", "stop"]
 _READ_KINDS = {"short", "corrupt"}
 _WRITE_KINDS = {"short_write", "corrupt_write", "drop", "lost_reply"}
 
@@ -63,7 +63,9 @@ class Fault:
         ``OSError(EIO)``, as a non-atomic backend interrupted mid-write; ``corrupt_write`` (set):
         store the value with its middle byte flipped and report success; ``drop`` (set): store
         nothing and report success; ``lost_reply`` (set): store the value, then raise
-        ``TimeoutError``, as an object store whose reply to a completed write was lost.
+        ``TimeoutError``, as an object store whose reply to a completed write was lost; ``stop``:
+        send this process SIGSTOP before the call (it goes on, unchanged, once sent SIGCONT): a
+        writer paused at a chosen step, as a machine that stalls or a debugger would pause it.
     at : int
         The first matching call hit, counting from 1.
     count : int or None
@@ -173,6 +175,12 @@ class FaultyStore(WrapperStore[Store]):
             raise OSError(errno.ENOSPC, f"injected: no space left on device on {op}", key)
         if kind == "transient":
             raise TimeoutError(errno.ETIMEDOUT, f"injected transient timeout on {op}", key)
+        if kind == "stop":
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return None
         return kind
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:

@@ -12,20 +12,28 @@ the basis was computed), the mean, ``U^T U = I`` and ``U^T (W - mean) (W - mean)
 Findings are errors (data is damaged or inconsistent: a result built on it would be wrong) or
 warnings (left-overs of interrupted work that the library recovers from by itself: an uncommitted
 row, block checkpoints of a killed pass, an incomplete basis, stray temporary files).
+
+A trajectory or basis folder whose group document is gone while its chunks remain is an error (it
+no longer opens, so it would otherwise be silently missing from the listing). verify never raises
+on a damaged store: an exception in any one check becomes an error finding. It never blocks on a
+FIFO or socket planted in the store (see :class:`trajstore._backend.RegularFileStore`), and never
+sizes a read from metadata beyond SCAN_VALUES (see :func:`_scan_snapshots`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import zarr
 
-from . import _backend, _linalg
+from . import _backend, _linalg, _log
 from ._backend import StoreLike, describe
 from ._fingerprint import piece_fingerprints
+from ._localread import PIECE
 from .basis import BASES_ROOT, Basis, basis_path, list_bases, open_basis, validate_meta
 from .errors import CorruptSnapshotError, TrajstoreError
 from .store import TrajectoryStore, _read_root
@@ -40,6 +48,9 @@ SPECTRUM_TOL = 1e-4        # max |U^T Wc Wc^T U - Sigma^2| / sigma_1^2
 MEAN_TOL = 1e-6            # |mean_stored - mean| / |mean| (float32 rounding: 6e-8)
 SINGULAR_VALUE_TOL = 1e-6  # recorded sigma vs. the stored Gram matrix's, relative to sigma_1
 MAX_LISTED = 20            # findings of one kind listed per trajectory or basis before a summary
+# Values of one snapshot verify reads at once: 4 MiB of float32, a default chunk (DEFAULT_CHUNK_BYTES).
+# A chunk up to this size is read whole, a larger one streamed in pieces of 65536 values.
+SCAN_VALUES = 2**20
 
 
 @dataclass(frozen=True)
@@ -115,12 +126,13 @@ def verify(url: StoreLike, *, storage_options: dict[str, Any] | None = None, sou
     Notes
     -----
     I/O: every committed chunk is read once, every basis is read once, and with ``sources`` each
-    basis' window once more. Memory: one chunk, plus a pass's blocks (as in :func:`trajstore.dldr`)
-    and d x t matrices.
+    basis' window once more. Memory: at most SCAN_VALUES values of a snapshot (4 MiB of float32;
+    larger chunks are streamed, see :func:`_scan_snapshots`), plus a pass's blocks (as in
+    :func:`trajstore.dldr`) and d x t matrices.
     """
-    zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
     report = VerifyReport(describe(url))
     try:
+        zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
         root = _read_root(zstore, report.store)
         names = TrajectoryStore._names(root)
     except TrajstoreError as e:
@@ -129,15 +141,56 @@ def verify(url: StoreLike, *, storage_options: dict[str, Any] | None = None, sou
     except Exception as e:  # a store too damaged for Zarr to list
         report.add("error", report.store, f"cannot read the store's groups ({type(e).__name__}: {e})")
         return report
+    _guarded(report, report.store, "listing the trajectories' folders", _orphans, zstore, "trajectories", names,
+             "trajectory", report, "its snapshots may be recoverable")
     stores: dict[str, TrajectoryStore] = {}
     for name in names:
-        store = _check_trajectory(zstore, name, report, progress)
+        store = _guarded(report, f"trajectory {name!r}", "checking it", _check_trajectory, zstore, name, report,
+                         progress)
         if store is not None:
             stores[name] = store
-    for name in _basis_names(zstore, report):
-        _check_basis(zstore, name, stores, report, sources, progress)
-    _stray_files(zstore, report)
+    bases = _basis_names(zstore, report)
+    _guarded(report, BASES_ROOT, "listing the bases' folders", _orphans, zstore, BASES_ROOT, bases, "basis", report,
+             "the basis cannot be opened; delete the folder and compute it again")
+    for name in bases:
+        _guarded(report, f"basis {name!r}", "checking it", _check_basis, zstore, name, stores, report, sources,
+                 progress)
+    _guarded(report, report.store, "looking for temporary files", _stray_files, zstore, report)
     return report
+
+
+def _guarded(report: VerifyReport, where: str, what: str, check: Callable[..., Any], *args: Any,
+             default: Any = None) -> Any:
+    """``check(*args)``; an exception it raises becomes an error finding and ``default`` is
+    returned: verify reports a damaged store, it does not crash on one."""
+    try:
+        return check(*args)
+    except Exception as e:
+        report.add("error", where, f"{what} failed ({type(e).__name__}: {e!s:.300})")
+        return default
+
+
+def _orphans(zstore: zarr.abc.store.Store, folder: str, listed: Collection[str], kind: str, report: VerifyReport,
+             hint: str) -> None:
+    """Folders under ``folder`` that hold files but no group document (``folder/NAME/zarr.json``
+    missing, or not a regular file). Listed by key: the library lists only folders with a group
+    document, so such a trajectory or basis would otherwise just not be there."""
+    async def scan() -> list[tuple[str, int, int]]:
+        found = []
+        async for name in zstore.list_dir(folder):
+            if name in listed or name.startswith(".") or _backend.is_document(name):
+                continue
+            files = chunks = 0
+            async for key in zstore.list_prefix(f"{folder}/{name}/"):
+                files += 1
+                chunks += "/c/" in key
+            if files:
+                found.append((name, files, chunks))
+        return sorted(found)
+
+    for name, files, chunks in _backend.sync(scan()):
+        report.add("error", f"{kind} {name!r}", f"its group document {folder}/{name}/zarr.json is missing (or not a "
+                   f"regular file), but {chunks} chunk files remain ({files} files in all): {hint}")
 
 
 # ------------------------------------------------------------------ trajectories
@@ -155,38 +208,86 @@ def _check_trajectory(zstore: zarr.abc.store.Store, name: str, report: VerifyRep
         return None
     report.checked["trajectories"] += 1
     report.checked["snapshots"] += len(store)
-    damaged = _scan_snapshots(store, report, where, progress)
-    _check_records(store, report, where)
-    _uncommitted_rows(zstore, store, report, where)
-    _check_gram_cache(store, report, where)
+    damaged = _guarded(report, where, "reading its snapshots", _scan_snapshots, store, report, where, progress,
+                       default=1)
+    _guarded(report, where, "checking its records", _check_records, store, report, where)
+    _guarded(report, where, "looking for uncommitted rows", _uncommitted_rows, zstore, store, report, where)
+    _guarded(report, where, "checking its cached Gram matrix", _check_gram_cache, store, report, where)
     return None if damaged else store
 
 
 def _scan_snapshots(store: TrajectoryStore, report: VerifyReport, where: str, progress: bool) -> int:
-    """Read every chunk of every committed snapshot once; returns how many were damaged."""
+    """Read every chunk of every committed snapshot once; returns how many were damaged.
+
+    Memory is bounded by SCAN_VALUES, not by the metadata: a chunk of at most SCAN_VALUES values
+    is read whole into one reused buffer; a larger one is streamed, on a local folder, in pieces of
+    65536 values (:meth:`TrajectoryStore.iter_pieces`; on other backends it reads whole chunks,
+    as every reader of such a store does). A chunk shape no trajstore writes (longer than a
+    snapshot, or large and not a multiple of the piece) is reported, not read.
+    """
     chunk, n = store.chunk_elems, store.n
+    refused = _refused_chunks(chunk, n, store.piece)
+    if refused is not None:
+        report.add("error", where, refused)
+        return 1
     starts = range(0, n, chunk)
-    out = np.empty((1, min(chunk, n)), dtype=np.float32)
     bad = _Limited(report, where)
+    read = _chunk_reader(store, chunk, n)
     bar = _bar(progress, len(store) * len(starts), f"verify {where}")
-    for r in range(len(store)):
-        for a in starts:
-            b = min(a + chunk, n)
+    try:
+        for r in range(len(store)):
+            for a in starts:
+                try:
+                    read(r, a, min(a + chunk, n))
+                except CorruptSnapshotError as e:
+                    bad.add(str(e))
+                report.checked["chunks"] += 1
+                if bar is not None:
+                    bar.update(1)
             try:
-                store.read_rows(slice(r, r + 1), slice(a, b), out=out[:, :b - a])
+                store.buffer_bytes(r)
             except CorruptSnapshotError as e:
                 bad.add(str(e))
-            report.checked["chunks"] += 1
-            if bar is not None:
-                bar.update(1)
-        try:
-            store.buffer_bytes(r)
-        except CorruptSnapshotError as e:
-            bad.add(str(e))
-    if bar is not None:
-        bar.close()
+    finally:
+        if bar is not None:
+            bar.close()
     bad.close("damaged chunks")
     return bad.count
+
+
+def _refused_chunks(chunk: int, n: int, piece: int) -> str | None:
+    """Why chunks of this shape are not read (None: they are). Both shapes below are ones trajstore
+    never writes, and reading them would size a buffer from the claim."""
+    if n and chunk > n:
+        return (f"its params chunks claim {chunk} values, more than a snapshot's n = {n} (trajstore never writes "
+                "such chunks: damaged metadata); its chunks were not read")
+    if chunk > SCAN_VALUES and piece > SCAN_VALUES:
+        return (f"its params chunks of {chunk} values are larger than {SCAN_VALUES} and not a multiple of {PIECE} "
+                "(trajstore never writes such chunks: damaged metadata); its chunks were not read")
+    return None
+
+
+def _chunk_reader(store: TrajectoryStore, chunk: int, n: int) -> Callable[[int, int, int], None]:
+    """``read(r, a, b)``: read parameters ``[a, b)`` (one chunk) of snapshot ``r``, raising
+    CorruptSnapshotError for damage, holding at most SCAN_VALUES values (two pieces when streamed)."""
+    if chunk <= SCAN_VALUES:
+        out = np.empty((1, min(chunk, n)), dtype=np.float32)
+
+        def whole(r: int, a: int, b: int) -> None:
+            store.read_rows(slice(r, r + 1), slice(a, b), out=out[:, :b - a])
+
+        return whole
+    buffers = tuple(np.empty((1, store.piece), dtype=store.piece_buffers_dtype) for _ in range(2))
+
+    def streamed(r: int, a: int, b: int) -> None:
+        for c, values in store.iter_pieces(slice(r, r + 1), a, b, buffers):
+            # iter_pieces checks every byte's checksum but not finiteness (read_rows does).
+            if not np.isfinite(values.sum(dtype=np.float64)):
+                raise CorruptSnapshotError(f"snapshot {r} of trajectory {store.name!r}: parameters "
+                                           f"[{c}, {c + values.shape[1]}) read as non-finite (appends never commit "
+                                           "NaN or Inf)")
+
+    return streamed
 
 
 def _check_records(store: TrajectoryStore, report: VerifyReport, where: str) -> None:
@@ -198,13 +299,37 @@ def _check_records(store: TrajectoryStore, report: VerifyReport, where: str) -> 
 
 
 def _uncommitted_rows(zstore: zarr.abc.store.Store, store: TrajectoryStore, report: VerifyReport, where: str) -> None:
+    """Rows holding chunks that no valid commit names (an interrupted append, or the in-flight
+    writes of a writer that lost the trajectory), and what the commit log could not use."""
+    named = {c.row for c in store.log.commits}
+
+    async def rows() -> list[str]:
+        return [r async for r in zstore.list_dir(f"{store.prefix}/params/c")]
+
     try:
-        rows = zarr.open_array(zstore, path=f"{store.prefix}/params", mode="r").shape[0]
-    except Exception:
-        return  # the trajectory opened, so its array did too; nothing more to say here
-    if rows > len(store):
-        report.add("warning", where, f"array rows [{len(store)}, {rows}) hold no committed snapshot "
-                   "(an interrupted append; the next append overwrites them)")
+        found = sorted(int(r) for r in _backend.sync(rows()) if r.isdigit())
+    except FileNotFoundError:
+        found = []
+    stray = [r for r in found if r not in named]
+    if stray:
+        listed = ", ".join(map(str, stray[:MAX_LISTED])) + (" ..." if len(stray) > MAX_LISTED else "")
+        report.add("warning", where, f"rows {listed} of params hold no committed snapshot (an interrupted append, "
+                   "or a writer that lost the trajectory; the space is reused or can be freed)")
+    log = store.log
+    fence = _log.fences(log.generations)
+    # Valid by the fencing rule but past a gap: a damaged or missing commit hides snapshots after it.
+    unreachable = [c for c in log.fenced if c.generation in fence and c.index < fence[c.generation]
+                   and c.index > len(store)]
+    fenced = [c for c in log.fenced if c not in unreachable]
+    if fenced:
+        report.add("warning", where, f"{len(fenced)} commit documents do not count (fenced off by a later writer): "
+                   + ", ".join(f"snapshot {c.index} by writer {c.seq}" for c in fenced[:MAX_LISTED]))
+    if unreachable:
+        report.add("error", where, f"snapshot {len(store)} has no readable commit, so {len(unreachable)} later "
+                   f"commits (snapshots {min(c.index for c in unreachable)}..{max(c.index for c in unreachable)}) "
+                   "cannot be reached by readers; their data may be recoverable")
+    for problem in log.problems[:MAX_LISTED]:
+        report.add("error" if unreachable else "warning", where, f"commit log: {problem}")
 
 
 def _check_gram_cache(store: TrajectoryStore, report: VerifyReport, where: str) -> None:
@@ -263,7 +388,8 @@ def _check_basis(zstore: zarr.abc.store.Store, name: str, stores: dict[str, Traj
         report.add("error", where, str(e))
         return
     report.checked["bases"] += 1
-    if _scan_basis(group, basis, report, where, progress):
+    # U and the mean live in the folder the basis' metadata names (its version folder).
+    if _scan_basis(_backend.open_group(zstore, basis.path or basis_path(name), "r"), basis, report, where, progress):
         return
     _check_spectrum(basis, report, where)
     if not sources:
@@ -338,7 +464,7 @@ def _check_source(store: TrajectoryStore, basis: Basis, meta: dict[str, Any], re
     source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     if source.get("layout") not in (None, store.layout.fingerprint):
         report.add("error", where, "its source's parameter layout differs from the trajectory's now")
-    group = _backend.open_group(store.zarr_store, basis_path(basis.name or ""), "r")
+    group = _backend.open_group(store.zarr_store, basis.path or basis_path(basis.name or ""), "r")
     tasks = block_tasks(store, t0, t1, DEFAULT_BLOCK_BYTES, _source_task, group["U"], group["mean"])
     try:
         total = _sum_in_order(_compute_ordered(tasks, None, None, f"verify {where} against its source" if progress else None))
