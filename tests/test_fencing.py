@@ -62,10 +62,13 @@ def _seed_store(url: str) -> None:
             store.append(model, step=k, metrics={"tag": float(TAGS["X"])})
 
 
-def _start(url: str, count: int, stop: tuple[str, str, int] | None = None) -> subprocess.Popen[str]:
+def _start(url: str, count: int, stop: tuple[str, str, int] | None = None,
+           stop_call: tuple[str, int] | None = None) -> subprocess.Popen[str]:
     cmd = [sys.executable, SCRIPT, url, "--tag", "A", "--count", str(count), "--ttl", str(TTL)]
     if stop:
         cmd += ["--stop", stop[0], stop[1], str(stop[2])]
+    if stop_call:
+        cmd += ["--stop-call", stop_call[0], str(stop_call[1])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -157,6 +160,22 @@ def test_writer_stopped_at_a_random_moment(seed: int, tmp_path: Path) -> None:
     assert proc.returncode == 3 and "conflict:" in out, out
 
 
+# The steps of an append on a local folder, where chunks and the commit are written as files
+# directly: each params chunk, the buffers chunk, the row folders' fsync, the commit document.
+LOCAL_SITES = [("write_chunk_file", 1), ("write_chunk_file", 2), ("write_chunk_file", 3), ("write_chunk_file", 4),
+               ("fsync_path", 1), ("write_json_atomic", 1), ("write_chunk_file", 5), ("write_json_atomic", 2)]
+
+
+@pytest.mark.parametrize("site", LOCAL_SITES, ids=[f"{name}-{at}" for name, at in LOCAL_SITES])
+def test_a_writer_paused_at_each_step_on_a_local_folder_is_never_deposed(site: tuple[str, int],
+                                                                          tmp_path: Path) -> None:
+    url = str(tmp_path / "s.zarr")
+    _seed_store(url)
+    proc = _start(url, count=3, stop_call=site)
+    _wait_stopped(proc)
+    _local_case(url, proc)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_a_paused_writer_on_a_local_folder_is_never_deposed(seed: int, tmp_path: Path) -> None:
     url = str(tmp_path / "s.zarr")
@@ -165,6 +184,11 @@ def test_a_paused_writer_on_a_local_folder_is_never_deposed(seed: int, tmp_path:
     time.sleep(random.Random(seed).uniform(0.05, 0.6))
     os.kill(proc.pid, signal.SIGSTOP)
     _wait_stopped(proc)
+    _local_case(url, proc)
+
+
+def _local_case(url: str, proc: subprocess.Popen[str]) -> None:
+    """A is paused on a local folder: B is refused however long it waits, until A is killed."""
     time.sleep(TTL * 1.5)
     with pytest.raises(WriterConflictError, match=f"pid {proc.pid}"):
         _store(url, mode="a", lease_ttl=TTL)  # the flock is held while A lives, paused or not
