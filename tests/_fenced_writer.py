@@ -39,9 +39,9 @@ def tagged(model: Flat, k: int, tag: str) -> None:
 
 def open_store(url: str, ttl: float, plan: list[Fault]) -> TrajectoryStore:
     if url.startswith("local://"):
-        from zarr.storage import FsspecStore
+        from trajstore._backend import open_zarr_store
 
-        inner = FsspecStore.from_url(url, storage_options={"auto_mkdir": True})
+        inner = open_zarr_store(url, read_only=False, storage_options={"auto_mkdir": True})
         faulty = FaultyStore(inner, plan)
         faulty.enabled = False
         store = TrajectoryStore.open(faulty, "a", lease_ttl=ttl)  # type: ignore[arg-type]

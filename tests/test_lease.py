@@ -119,3 +119,50 @@ def test_the_heartbeat_keeps_a_lease_alive_past_its_ttl(tmp_path: Path) -> None:
     first.release()
     second.acquire("traj")  # released: free at once
     second.release()
+
+
+def test_lease_documents_on_a_local_fsspec_store_are_never_read_torn(tmp_path: Path) -> None:
+    """Regression (CI): fsspec's local file system writes a file by truncating it first, so a lease
+    check racing a heartbeat read an empty writer.json and the writer thought it had lost its
+    lease. Writes to local:// stores are now renamed into place, and an unreadable lease document
+    is read again before it counts as lost."""
+    import threading
+
+    from trajstore._backend import open_zarr_store, read_json, write_json
+
+    store = open_zarr_store(f"local://{tmp_path / 'l.zarr'}", read_only=False, storage_options=OPTIONS)
+    doc = {"token": "a" * 32, "pad": list(range(500))}
+    write_json(store, "w.json", doc)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            write_json(store, "w.json", doc)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    torn, reads, started = 0, 0, time.monotonic()
+    try:
+        while time.monotonic() - started < 1.0:
+            try:
+                assert read_json(store, "w.json") == doc  # whole, never another document
+            except ValueError:
+                torn += 1
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 50 and torn == 0  # every read found the whole document
+
+
+def test_a_fast_heartbeat_never_makes_its_own_writer_lose_the_lease(tmp_path: Path) -> None:
+    from trajstore._backend import open_zarr_store
+
+    store = open_zarr_store(f"local://{tmp_path / 'l.zarr'}", read_only=False, storage_options=OPTIONS)
+    lease = WriterLease(store, "traj", ttl=0.02)  # a heartbeat every 5 ms
+    lease.acquire("traj")
+    try:
+        for _ in range(300):
+            lease.check("traj")  # never a spurious WriterConflictError
+    finally:
+        lease.release()

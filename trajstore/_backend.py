@@ -63,7 +63,49 @@ def open_zarr_store(url: StoreLike, *, read_only: bool, storage_options: dict[st
         text = text.removeprefix("file://")
     if "://" not in text:
         return RegularFileStore(Path(text).expanduser(), read_only=read_only)
-    return FsspecStore.from_url(text, read_only=read_only, storage_options=storage_options)
+    store = FsspecStore.from_url(text, read_only=read_only, storage_options=storage_options)
+    if _is_local_fs(store):
+        return AtomicLocalFsspecStore(fs=store.fs, path=store.path, read_only=read_only,
+                                      allowed_exceptions=store.allowed_exceptions)
+    return store
+
+
+def _is_local_fs(store: FsspecStore) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(getattr(store.fs, "sync_fs", store.fs), LocalFileSystem)
+
+
+class AtomicLocalFsspecStore(FsspecStore):
+    """An fsspec store over fsspec's local file system (``local://`` URLs) whose writes are atomic.
+
+    fsspec's local ``pipe_file`` truncates the file and then writes it, so a reader racing a
+    rewrite can find it empty or cut short (measured: a third of reads racing a rewriting thread
+    found a torn document). Every commit, lease and metadata document relies on whole-key writes,
+    so here each write goes to a temporary file that is renamed into place, as Zarr's LocalStore
+    does. Everything else (the heartbeat lease, the key-level read and write paths) stays that of
+    an fsspec store, which is what a ``local://`` URL is for."""
+
+    async def set(self, key: str, value: Any, byte_range: tuple[int, int] | None = None) -> None:
+        import asyncio
+
+        if byte_range is not None:
+            raise NotImplementedError
+        self._check_writable()
+        path = Path(self.path) / key
+        data = value.to_bytes()
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        await asyncio.to_thread(write)
 
 
 def open_regular(path: str | os.PathLike[str], not_regular: Callable[[str], Exception] | None = None) -> int:

@@ -104,7 +104,9 @@ async def set_bytes(store: Store, key: str, data: bytes) -> None:
 
 def write_json_atomic(store: Store, key: str, doc: Any, *, durable: bool) -> None:
     """Write one document in one atomic key write. On a local folder: a temporary file, fsynced
-    when ``durable``, renamed into place, and the folder fsynced (so the new name is on disk too)."""
+    when ``durable``, renamed into place, and the folder fsynced (so the new name is on disk too);
+    elsewhere one ``set`` (object stores replace whole objects; ``local://`` stores rename too,
+    see :class:`trajstore._backend.AtomicLocalFsspecStore`)."""
     from ._backend import sync
 
     data = _dumps(doc)

@@ -22,7 +22,8 @@ from typing import Any
 
 from zarr.abc.store import Store
 
-from ._backend import delete_key, local_root, read_json, write_json
+from ._backend import delete_key, local_root, read_json
+from ._io import write_json_atomic
 from .errors import WriterConflictError
 
 __all__ = ["WriterLease"]
@@ -94,7 +95,7 @@ class WriterLease:
                 self.took_over = isinstance(previous, dict) and not self._dead(previous)
             else:
                 self._acquire_lease(name)
-            write_json(self._store, self._key, self._doc())
+            write_json_atomic(self._store, self._key, self._doc(), durable=False)
         except BaseException:
             self._stop.set()
             try:
@@ -128,7 +129,7 @@ class WriterLease:
                 f"its lease expires {self._ttl:.0f} s after its last heartbeat"
             )
         self.took_over = current is not None and not self._dead(current)
-        write_json(self._store, self._key, self._doc())
+        write_json_atomic(self._store, self._key, self._doc(), durable=False)
         # A competing taker may have written between our read and write; the last write wins
         # and the loser finds out here (or, at the latest, in check() before its first commit).
         time.sleep(0.05)
@@ -159,19 +160,27 @@ class WriterLease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self._ttl / 4):
             doc = self._read()
-            if not isinstance(doc, dict) or doc.get("token") != self._token:
-                return
+            if isinstance(doc, dict) and doc.get("token") != self._token:
+                return  # another writer holds it now: stop beating
+            if not isinstance(doc, dict):
+                continue  # unreadable for now: the next beat looks again
             doc["heartbeat"] = time.time()
             try:
-                write_json(self._store, self._key, doc)
+                write_json_atomic(self._store, self._key, doc, durable=False)
             except Exception:  # a transient backend error: the next beat retries
                 continue
 
     def _read(self) -> Any:
-        try:
-            return read_json(self._store, self._key)
-        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's depth
-            return None
+        """The lease document; None when absent, or when it stays unreadable. A document that does
+        not parse is read again a few times first: on a backend whose writes are not atomic
+        (fsspec's local file system truncates, then writes) it is a heartbeat caught mid-write, and
+        taking it for "no lease" would depose a live writer or make one think it lost its lease."""
+        for attempt in range(6):
+            try:
+                return read_json(self._store, self._key)
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's depth
+                time.sleep(0.005 * 2**attempt)
+        return None
 
     def check(self, name: str) -> None:
         """Raise WriterConflictError unless this lease is still ours."""

@@ -60,8 +60,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "TrajectoryStore"]
 
-_read_root = read_root  # the name verify and older callers use
-
 DEFAULT_CHUNK_BYTES = 4 * 2**20   # measured: 4 MB per-snapshot chunks read fastest for the Gram pass
 DEFAULT_STAGE_BYTES = 64 * 2**20  # host staging buffer of an append, reused across appends
 MAX_CHUNK_ELEMS = 2**26           # values per chunk a store may claim (256 MiB of float32): reads allocate one

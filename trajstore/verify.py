@@ -36,7 +36,8 @@ from ._fingerprint import piece_fingerprints
 from ._localread import PIECE
 from .basis import BASES_ROOT, Basis, basis_path, list_bases, open_basis, validate_meta
 from .errors import CorruptSnapshotError, TrajstoreError
-from .store import TrajectoryStore, _read_root
+from ._create import read_root
+from .store import TrajectoryStore
 
 __all__ = ["Finding", "VerifyReport", "format_report", "verify"]
 
@@ -133,7 +134,7 @@ def verify(url: StoreLike, *, storage_options: dict[str, Any] | None = None, sou
     report = VerifyReport(describe(url))
     try:
         zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
-        root = _read_root(zstore, report.store)
+        root = read_root(zstore, report.store)
         names = TrajectoryStore._names(root)
     except TrajstoreError as e:
         report.add("error", report.store, str(e))
