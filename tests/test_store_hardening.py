@@ -229,3 +229,14 @@ def test_a_format2_trajectory_holding_a_format1_commit_record_is_refused(tmp_pat
     doc_path.write_text(json.dumps(doc))
     with pytest.raises(InvalidStoreError, match="format-2 trajectory that still holds a format-1 commit record"):
         TrajectoryStore.open(path)
+
+
+def test_a_trajectory_folder_with_a_name_breaking_the_rule_is_reported(tmp_path: Path) -> None:
+    """A trajectory named ``a\\b`` appended, then could not be reopened; such a folder (made by an
+    older trajstore or by hand) is now named by verify, with how to recover it."""
+    path = tmp_path / "s.zarr"
+    _written(path, t=1)
+    shutil.copytree(path / "trajectories" / "default", path / "trajectories" / "a\\b")
+    assert TrajectoryStore.list_trajectories(path) == ["default"]  # never opened by a name off the rule
+    report = verify(path)
+    assert not report.ok and any("'a\\\\b'" in f.where and "does not match" in f.message for f in report.errors)

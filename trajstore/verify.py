@@ -33,6 +33,7 @@ import zarr
 from . import _backend, _linalg, _log
 from ._backend import StoreLike, describe
 from ._fingerprint import piece_fingerprints
+from ._names import NAME_PATTERN, is_valid_name
 from ._localread import PIECE
 from .basis import BASES_ROOT, Basis, basis_path, list_bases, open_basis, validate_meta
 from .errors import CorruptSnapshotError, TrajstoreError
@@ -190,6 +191,11 @@ def _orphans(zstore: zarr.abc.store.Store, folder: str, listed: Collection[str],
         return sorted(found)
 
     for name, files, chunks in _backend.sync(scan()):
+        if not is_valid_name(name):
+            report.add("error", f"{kind} {name!r:.200}", f"its folder's name does not match {NAME_PATTERN}, so it "
+                       f"cannot be opened ({chunks} chunk files, {files} files in all): rename the folder to a valid "
+                       "name to recover it")
+            continue
         report.add("error", f"{kind} {name!r}", f"its group document {folder}/{name}/zarr.json is missing (or not a "
                    f"regular file), but {chunks} chunk files remain ({files} files in all): {hint}")
 
