@@ -1,12 +1,17 @@
 """Stores of format 1 (one commit attribute rewritten per commit) still open, and migrate on append.
 
-``tests/data/format1.zarr`` was written by trajstore's code before format 2 (commit abc3275): a
+The format-1 store is written by trajstore's own code from before format 2 (commit abc3275,
+taken from this repository's history with ``git archive`` and run in a child process): a
 Linear(3, 4) + BatchNorm1d(4) model, four snapshots, the second with an RNG state.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,40 @@ import torch
 from trajstore import TrajectoryStore
 from trajstore.verify import verify
 
-FIXTURE = Path(__file__).parent / "data" / "format1.zarr"
+FORMAT1_COMMIT = "abc3275e9cac8489428212ed2a8c385dc8a90cb1"  # the last commit writing format 1
+REPO = Path(__file__).resolve().parent.parent
+WRITE = """
+import sys, torch
+from trajstore import TrajectoryStore
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+with TrajectoryStore.create(sys.argv[1], m, chunk_bytes=32) as s:
+    for k in range(4):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.25 * (k + 1))
+            m[1].running_mean.add_(k)
+        s.append(m, step=10 * k, epoch=k, lr=0.1, metrics={"loss": 1.0 / (k + 1)}, rng_state=(k == 1))
+"""
+
+
+@pytest.fixture(scope="module")
+def fixture_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A format-1 store written by the old code itself."""
+    work = tmp_path_factory.mktemp("format1")
+    try:
+        tar = subprocess.run(["git", "-C", str(REPO), "archive", FORMAT1_COMMIT, "trajstore"],
+                             check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"needs this repository's git history to get the format-1 writer ({e})")
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(work / "old", filter="data")
+    path = work / "format1.zarr"
+    subprocess.run([sys.executable, "-c", WRITE, str(path)], check=True, cwd=work,
+                   env={"PYTHONPATH": str(work / "old"), "PATH": "/usr/bin:/bin"})
+    (path / "trajectories" / "default" / "writer.lock").unlink(missing_ok=True)
+    assert TrajectoryStore.open(path).format_version == 1  # it is the old format indeed
+    return path
 
 
 def _expected() -> tuple[list[np.ndarray], list[dict]]:
@@ -35,9 +73,9 @@ def _expected() -> tuple[list[np.ndarray], list[dict]]:
 
 
 @pytest.fixture
-def old(tmp_path: Path) -> Path:
+def old(fixture_store: Path, tmp_path: Path) -> Path:
     path = tmp_path / "format1.zarr"
-    shutil.copytree(FIXTURE, path)
+    shutil.copytree(fixture_store, path)
     return path
 
 

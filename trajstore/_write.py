@@ -52,7 +52,8 @@ class RowWriter:
         self._staging: np.ndarray | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._capacity: int | None = None
-        self._copy_plan: list[tuple[int, int, list[int], list[torch.Tensor]]] | None = None
+        self._copy_views: list[torch.Tensor] | None = None  # see _plan_copies; decided once
+        self._planned = False
         self._source: Sequence[torch.Tensor] = ()  # the parameters being written (for error messages)
 
     @property
@@ -113,9 +114,9 @@ class RowWriter:
         import torch
 
         self._source = params  # for the error message of a non-finite value
-        if self._copy_plan is None:
-            self._plan_copies(params)
-        if self._copy_plan is not None and self._plannable(params):
+        if not self._planned:
+            self._copy_views, self._planned = self._plan_copies(params), True
+        if self._copy_views is not None and self._plannable(params):
             return self._write_planned(row, params)
         staging = self._stage()
         view = self._dtype.as_torch(staging)
@@ -153,25 +154,18 @@ class RowWriter:
                 self._flush(row, start, staging, view, fill, crcs)
         return crcs
 
-    def _plan_copies(self, params: Sequence[torch.Tensor]) -> bool:
+    def _plan_copies(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         """For CPU parameters of the storage dtype that fit in one staging fill together: views of
         the staging buffer shaped as the parameters, so an append copies them with one
         ``torch._foreach_copy_`` (no Python work per tensor; measured on 50,000 scalars: the
-        per-tensor loop cost 0.2 s per append). False when the parameters do not allow it."""
+        per-tensor loop cost 0.2 s per append). None when the parameters do not allow it (a
+        larger model: fills end at chunk boundaries, so a parameter may straddle two)."""
         import torch
 
-        staging = self._stage()
-        view = self._dtype.as_torch(staging)
-        size = staging.shape[0]
-        if not hasattr(torch, "_foreach_copy_") or not self._plannable(params):
-            return False
-        if self._layout.n > size:
-            return False  # fills must end at chunk boundaries, so a parameter may straddle two: the general loop
-        members = list(range(len(self._layout.params)))
-        views = [view[s.offset:s.stop].view(s.shape) for s in self._layout.params]
-        fills = [(0, self._layout.n, members, views)]
-        self._copy_plan = fills
-        return True
+        if self._layout.n > self.stage_elems or not hasattr(torch, "_foreach_copy_") or not self._plannable(params):
+            return None
+        view = self._dtype.as_torch(self._stage())
+        return [view[s.offset:s.stop].view(s.shape) for s in self._layout.params]
 
     def _plannable(self, params: Sequence[torch.Tensor]) -> bool:
         dtype = self._dtype.torch_dtype
@@ -181,13 +175,11 @@ class RowWriter:
         import torch
 
         staging = self._stage()
-        view = self._dtype.as_torch(staging)
         crcs: list[int] = []
-        assert self._copy_plan is not None
+        assert self._copy_views is not None
         with torch.no_grad():
-            for start, fill, members, views in self._copy_plan:
-                torch._foreach_copy_(views, [params[k] for k in members])
-                self._flush(row, start, staging, view, fill, crcs)
+            torch._foreach_copy_(self._copy_views, list(params))
+            self._flush(row, 0, staging, self._dtype.as_torch(staging), self._layout.n, crcs)
         return crcs
 
     @staticmethod
