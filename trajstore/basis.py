@@ -126,17 +126,20 @@ class Basis:
         """The whole basis U, shape (n, d). Holds n * d values in memory: for small n."""
         return self.rows(0, self.n)
 
-    def on(self, device: Any = "cpu", *, dtype: Any = None, mode: str = "auto") -> Any:
+    def on(self, device: Any = "cpu", *, dtype: Any = None, mode: str = "auto", shard: Any = False,
+           process_group: Any = None) -> Any:
         """This basis on a torch device, for projecting gradients and lifting steps.
 
         See :class:`trajstore.projection.DeviceBasis` for the modes (``auto``, ``resident``,
-        ``mmap``, ``stream``).
+        ``mmap``, ``stream``) and for ``shard`` (each rank of a torch.distributed process group
+        holding only its rows of U).
         """
         import torch
 
         from .projection import DeviceBasis
 
-        return DeviceBasis(self, device, dtype=dtype or torch.float32, mode=mode)  # type: ignore[arg-type]
+        return DeviceBasis(self, device, dtype=dtype or torch.float32, mode=mode,  # type: ignore[arg-type]
+                           shard=shard, process_group=process_group)
 
     def coordinates(self) -> np.ndarray:
         """Coordinates ``U^T (w_j - mean)`` of the window's snapshots, shape (t, d): ``V Sigma``."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .distributed import check_step, group_of, rank_and_world, sum_over_ranks
 from .errors import TrajstoreError
 from .projection import bind_basis
 
@@ -110,6 +111,18 @@ class PBFGS(torch.optim.Optimizer):
         they are put back after every rejected trial, so a step updates them as an SGD step
         does: once at the step's origin and once at the accepted point. Default: not restored
         (the official code's behaviour).
+    process_group : ProcessGroup, optional
+        Under torch.distributed (the default group when one is initialized): every loss the
+        line search decides on is the mean over the ranks (one scalar all-reduce per closure
+        call), so all ranks take the same trials and keep the same B and parameters. Gradients
+        must arrive averaged over the ranks (``DistributedDataParallel``); the parameters may be
+        the whole model on every rank, or, with a sharded basis (``basis.on(device, shard=...)``),
+        this rank's slice of the flat parameter vector.
+    check_ranks : bool
+        Under torch.distributed, check after every gradient that the ranks agree (the projected
+        gradient bit for bit; sums of the gradients and parameters) and raise
+        :class:`~trajstore.distributed.RankMismatchError` if not: one all-reduce of ``2 (d + 2)``
+        values and two float64 sums over the parameters per step.
 
     Notes
     -----
@@ -122,7 +135,8 @@ class PBFGS(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, c: float = 0.4, beta: float = 0.55,
                  max_trials: int = 20, plus: bool = False, residual_lr: float = 0.01,
                  residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-10,
-                 restore: str = "copy", buffers: Iterable[torch.Tensor] | None = None) -> None:
+                 restore: str = "copy", buffers: Iterable[torch.Tensor] | None = None, process_group: Any = None,
+                 check_ranks: bool = True) -> None:
         _check("c", c, 0.0, 1.0, "in (0, 1)")
         _check("beta", beta, 0.0, 1.0, "in (0, 1)")
         if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
@@ -145,6 +159,9 @@ class PBFGS(torch.optim.Optimizer):
         self._buffers = list(buffers or ())
         if any(not isinstance(b, torch.Tensor) for b in self._buffers):
             raise TypeError("buffers must be tensors, e.g. model.buffers()")
+        self._group = group_of(process_group)
+        self._check_ranks = bool(check_ranks)
+        self._replicated = not self._basis.holds_shard_only(self._params)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -163,11 +180,17 @@ class PBFGS(torch.optim.Optimizer):
         return state
 
     def _objective(self, loss: torch.Tensor) -> float:
+        """The loss (the mean over ranks under torch.distributed) plus the weight-decay term."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         wd = self.defaults["weight_decay"]
-        if wd:  # |w|^2 without a temporary per parameter (this runs on every line-search trial)
-            value += 0.5 * wd * sum(float(torch.dot(p.detach().reshape(-1), p.detach().reshape(-1))) for p in self._params)
-        return value
+        # |w|^2 without a temporary per parameter (this runs on every line-search trial)
+        square = sum(float(torch.dot(p.detach().reshape(-1), p.detach().reshape(-1))) for p in self._params) if wd else 0.0
+        if self._group is not None:  # one all-reduce: the losses, and |w|^2 of sharded parameters
+            both = sum_over_ranks(torch.tensor([value, 0.0 if self._replicated else square], dtype=torch.float64),
+                                  self._group)
+            value = float(both[0]) / rank_and_world(self._group)[1]
+            square = square if self._replicated else float(both[1])
+        return value + 0.5 * wd * square
 
     def _call(self, closure: Callable[[], Any], *, grad: bool) -> float:
         if grad:
@@ -195,6 +218,8 @@ class PBFGS(torch.optim.Optimizer):
         if group["weight_decay"]:
             grads = [g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, self._params)]
         g = self._basis.project(grads).to(self._params[0].dtype)
+        if self._check_ranks:
+            check_step(self._group, g, grads, self._params, self._replicated)
         if st["prev_g"] is not None:
             st["B"], updated = bfgs_update(st["B"], st["prev_s"], g - st["prev_g"], group["eps"])
             st["skipped"] += int(not updated)

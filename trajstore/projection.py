@@ -11,6 +11,12 @@
 ``project`` and ``lift`` walk U's row chunks and the matching ranges of the model's parameters
 (in the store's layout order), so no n x d copy and no full flat gradient is ever built: at most
 one chunk of the gradient is gathered at a time.
+
+With ``shard=True`` (or rows ``(lo, hi)``) under torch.distributed, each rank holds only its rows of
+U (:func:`trajstore.distributed.shard_bounds`): ``project`` sums the ranks' partial products (one
+all-reduce of d values) and ``lift`` exchanges the rows each rank computed, block by block, so
+that every rank's parameters move alike; given only the rank's own slice of the flat parameter
+vector (FSDP-style sharded parameters), ``project`` and ``lift`` work on that slice alone.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 from . import _backend
+from .distributed import comm_device, group_of, rank_and_world, shard_bounds
 
 if TYPE_CHECKING:
     from .basis import Basis
@@ -48,10 +55,25 @@ class DeviceBasis:
         ``auto`` picks ``resident`` when U fits in a quarter of the free device memory (CUDA) or
         when the store is not local (CPU), else ``mmap`` on CPU and ``stream`` on CUDA, and logs
         its choice (also in :attr:`mode` and :attr:`reason`).
+    shard : bool or (int, int)
+        Hold only this rank's rows of U: ``True`` for :func:`~trajstore.distributed.shard_bounds`
+        of the process group, or this rank's rows ``(lo, hi)`` (the ranks' rows must tile
+        ``[0, n)`` in rank order; checked, collectively, here). Every rank must construct it.
+        Without a process group (or with one rank) the whole of U is held.
+    process_group : ProcessGroup, optional
+        The group sharing U (default: the default group).
+
+    Attributes
+    ----------
+    lo, hi : int
+        The rows of U this rank holds (``0, n`` unsharded).
+    nbytes : int
+        Bytes of U this rank holds: ``(hi - lo) * d * itemsize``.
     """
 
     def __init__(self, basis: Basis, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float32,
-                 mode: Literal["auto", "resident", "mmap", "stream"] = "auto") -> None:
+                 mode: Literal["auto", "resident", "mmap", "stream"] = "auto",
+                 shard: bool | tuple[int, int] = False, process_group: object = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -61,19 +83,20 @@ class DeviceBasis:
         self.dtype = dtype
         self.n, self.d = basis.n, basis.d
         self.rows = int(basis.metadata.get("u_chunk_rows") or min(basis.n, 1 << 16))
+        self._group, self.lo, self.hi, self._bounds = self._shard(shard, process_group)
         self.mode, self.reason = self._choose(mode)
         log.info("basis %s on %s: mode %s (%s)", basis.name, self.device, self.mode, self.reason)
         self._resident: torch.Tensor | None = None
-        self._maps: list[torch.Tensor] | None = None
+        self._maps: dict[int, torch.Tensor] | None = None
         self._staging: torch.Tensor | None = None
         # Rows per product: the storage chunk, except for a resident U, where larger slices cut
         # the per-chunk overhead (measured on an H100: 853 chunks of 65,536 rows made a P+-BFGS
         # step 4.5x an SGD step of a 55.9M-parameter WRN).
         self.step_rows = self.rows
         if self.mode == "resident":
-            self._resident = torch.empty((self.n, self.d), dtype=dtype, device=self.device)
+            self._resident = torch.empty((self.hi - self.lo, self.d), dtype=dtype, device=self.device)
             for a, b in self._ranges():
-                self._resident[a:b] = torch.from_numpy(basis.rows(a, b)).to(self.device, dtype)
+                self._resident[a - self.lo:b - self.lo] = torch.from_numpy(basis.rows(a, b)).to(self.device, dtype)
             self.step_rows = max(self.rows, RESIDENT_STEP_ROWS)
         elif self.mode == "mmap":
             self._maps = self._map_chunks()
@@ -82,7 +105,36 @@ class DeviceBasis:
 
     @property
     def nbytes(self) -> int:
-        return self.n * self.d * torch.tensor([], dtype=self.dtype).element_size()
+        return (self.hi - self.lo) * self.d * torch.tensor([], dtype=self.dtype).element_size()
+
+    @property
+    def sharded(self) -> bool:
+        """True when U is split across the ranks of a process group."""
+        return self._group is not None
+
+    def _shard(self, shard: bool | tuple[int, int], process_group: object) -> tuple[object, int, int, list[tuple[int, int]]]:
+        """(group, lo, hi, every rank's (lo, hi)) of this basis."""
+        if shard is False or shard is None:
+            return None, 0, self.n, [(0, self.n)]
+        group = group_of(process_group)
+        if group is None:
+            if shard is not True and tuple(shard) != (0, self.n):  # type: ignore[arg-type]
+                raise ValueError(f"shard={shard!r} without a process group of several ranks: a single process holds "
+                                 f"all rows (0, {self.n})")
+            return None, 0, self.n, [(0, self.n)]
+        rank, world = rank_and_world(group)
+        if shard is True:
+            bounds = [shard_bounds(self.n, world, r) for r in range(world)]
+            return group, *bounds[rank], bounds
+        lo, hi = (int(v) for v in shard)  # type: ignore[union-attr]
+        mine = torch.tensor([lo, hi], dtype=torch.int64, device=comm_device(group))
+        every = [torch.empty_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(every, mine, group=group)
+        bounds = [(int(t[0]), int(t[1])) for t in every]
+        ends = [0] + [b for _, b in bounds]
+        if any(a != ends[r] or b < a for r, (a, b) in enumerate(bounds)) or ends[-1] != self.n:
+            raise ValueError(f"shard: the ranks' rows {bounds} do not tile [0, {self.n}) in rank order")
+        return group, lo, hi, bounds
 
     def _local_folder(self) -> object:
         u = getattr(self.basis, "_u", None)
@@ -106,16 +158,22 @@ class DeviceBasis:
         return "resident", "basis not in a local folder"
 
     def _ranges(self, rows: int | None = None) -> Iterator[tuple[int, int]]:
+        """This rank's rows in pieces that never cross a multiple of ``rows`` (a storage chunk
+        boundary, for the default)."""
         rows = rows or self.rows
-        for a in range(0, self.n, rows):
-            yield a, min(a + rows, self.n)
+        a = self.lo
+        while a < self.hi:
+            b = min((a // rows + 1) * rows, self.hi)
+            yield a, b
+            a = b
 
-    def _map_chunks(self) -> list[torch.Tensor]:
+    def _map_chunks(self) -> dict[int, torch.Tensor]:
         import crc32c
 
         folder = self._local_folder()
-        maps = []
-        for i, (a, b) in enumerate(self._ranges()):
+        maps = {}
+        for a, b in self._ranges():
+            i = a // self.rows
             path = folder / "c" / str(i) / "0"  # type: ignore[operator]
             raw = np.memmap(path, dtype=np.uint8, mode="r")
             nbytes = self.rows * self.d * 4
@@ -123,18 +181,21 @@ class DeviceBasis:
                 from .errors import CorruptSnapshotError
 
                 raise CorruptSnapshotError(f"basis {self.basis.name!r}: chunk {i} of U is truncated or fails its crc32c")
-            values = raw[:nbytes].view(np.float32).reshape(self.rows, self.d)[: b - a]
+            values = raw[:nbytes].view(np.float32).reshape(self.rows, self.d)[a - i * self.rows: b - i * self.rows]
             with warnings.catch_warnings():  # read-only mapping: torch warns, but we never write to it
                 warnings.simplefilter("ignore", UserWarning)
-                maps.append(torch.from_numpy(values))
+                maps[i] = torch.from_numpy(values)
         return maps
 
-    def chunk(self, i: int, a: int, b: int) -> torch.Tensor:
-        """Rows ``[a, b)`` of U (the i-th chunk) on the device, in ``dtype``."""
+    def chunk(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``[a, b)`` of U on the device, in ``dtype`` (rows this rank holds; in ``mmap``
+        mode within one storage chunk, as :meth:`_ranges` cuts them)."""
         if self._resident is not None:
-            return self._resident[a:b]
+            return self._resident[a - self.lo:b - self.lo]
         if self._maps is not None:
-            host = self._maps[i]
+            i = a // self.rows
+            first = max(self.lo, i * self.rows)
+            host = self._maps[i][a - first:b - first]
             return host.to(self.device, self.dtype, non_blocking=False) if (self.device.type != "cpu" or self.dtype != torch.float32) else host
         values = self.basis.rows(a, b)
         if self.device.type == "cuda":
@@ -162,22 +223,37 @@ class DeviceBasis:
     def _as_list(x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [x] if isinstance(x, torch.Tensor) else list(x)
 
-    def _offsets(self, tensors: Sequence[torch.Tensor]) -> list[int]:
-        offsets = [0]
+    def _offsets(self, tensors: Sequence[torch.Tensor]) -> tuple[list[int], bool]:
+        """Global flat offsets of ``tensors``, and whether they hold all n values (from row 0)
+        rather than, for a sharded basis, this rank's rows ``[lo, hi)`` alone (from row ``lo``)."""
+        total = sum(t.numel() for t in tensors)
+        if total == self.n:
+            base = 0
+        elif self.sharded and total == self.hi - self.lo:
+            base = self.lo
+        else:
+            mine = f" or this rank's {self.hi - self.lo} rows [{self.lo}, {self.hi})" if self.sharded else ""
+            raise ValueError(f"tensors hold {total} values in all, the basis has n = {self.n}{mine}")
+        offsets = [base]
         for t in tensors:
             offsets.append(offsets[-1] + t.numel())
-        if offsets[-1] != self.n:
-            raise ValueError(f"tensors hold {offsets[-1]} values in all, the basis has n = {self.n}")
-        return offsets
+        return offsets, total == self.n
+
+    def holds_shard_only(self, tensors: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+        """True when ``tensors`` are this rank's rows ``[lo, hi)`` alone (sharded parameters),
+        False when they hold all n values."""
+        return not self._offsets(self._as_list(tensors))[1]
 
     @torch.no_grad()
     def project(self, grad: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """``U^T g`` of shape (d,): ``grad`` is a flat (n,) tensor or the parameters' tensors in layout order."""
+        """``U^T g`` of shape (d,): ``grad`` is a flat (n,) tensor or the parameters' tensors in
+        layout order (for a sharded basis, possibly this rank's rows alone); sharded, the ranks'
+        partial products are summed (one all-reduce of d values; every rank gets the same bits)."""
         tensors = self._as_list(grad)
-        offsets = self._offsets(tensors)
+        offsets, _ = self._offsets(tensors)
         out = torch.zeros(self.d, dtype=self.dtype, device=self.device)
-        gathered = torch.empty(self.step_rows, dtype=self.dtype, device=self.device)
-        for i, (a, b) in enumerate(self._ranges(self.step_rows)):
+        gathered = torch.empty(min(self.step_rows, max(self.hi - self.lo, 1)), dtype=self.dtype, device=self.device)
+        for a, b in self._ranges(self.step_rows):
             segs = list(self._segments(tensors, a, b, offsets))
             if len(segs) == 1 and segs[0][0].dtype == self.dtype and segs[0][0].device == self.device:
                 g = segs[0][0][segs[0][1]:segs[0][2]]
@@ -186,33 +262,77 @@ class DeviceBasis:
                 for flat, lo, hi in segs:
                     g[pos:pos + hi - lo].copy_(flat[lo:hi])
                     pos += hi - lo
-            out += self.chunk(i, a, b).T @ g
+            out += self.chunk(a, b).T @ g
+        if self._group is not None:
+            device = comm_device(self._group)
+            summed = out.to(device)
+            torch.distributed.all_reduce(summed, group=self._group)
+            out = summed.to(self.device)
         return out
 
     @torch.no_grad()
     def lift(self, coords: torch.Tensor, out: Sequence[torch.Tensor] | None = None, *, alpha: float = 1.0) -> torch.Tensor | None:
-        """``U z``: a new flat (n,) tensor, or, with ``out`` (tensors in layout order), ``out += alpha U z`` in place."""
+        """``U z``: a new flat (n,) tensor, or, with ``out`` (tensors in layout order), ``out += alpha U z`` in place.
+
+        Sharded, ``out`` holding all n values is moved on every rank alike (each rank computes its
+        rows, and the ranks exchange them in blocks of at most ``step_rows`` rows per rank), and
+        ``out`` holding this rank's rows alone is moved with no exchange.
+        """
         z = coords.to(self.device, self.dtype)
         if z.shape != (self.d,):
             raise ValueError(f"coords must have shape ({self.d},), got {tuple(coords.shape)}")
         if out is None:
-            flat = torch.empty(self.n, dtype=self.dtype, device=self.device)
-            for i, (a, b) in enumerate(self._ranges(self.step_rows)):
-                torch.mv(self.chunk(i, a, b), z, out=flat[a:b])
+            flat = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+            self.lift(z, out=[flat])
             return flat
         tensors = list(out)
-        offsets = self._offsets(tensors)
+        offsets, full = self._offsets(tensors)
         for k, t in enumerate(tensors):
             if not t.is_contiguous():
                 raise ValueError(f"lift(out=...) adds in place and needs contiguous tensors; tensor {k} of shape "
                                  f"{tuple(t.shape)} is not (call .contiguous() on it first)")
-        for i, (a, b) in enumerate(self._ranges(self.step_rows)):
-            step = self.chunk(i, a, b) @ z
-            pos = 0
-            for flat_view, lo, hi in self._segments(tensors, a, b, offsets):
-                flat_view[lo:hi].add_(step[pos:pos + hi - lo].to(flat_view.dtype), alpha=alpha)
-                pos += hi - lo
+        if self._group is not None and full:
+            self._lift_exchanged(z, tensors, offsets, alpha)
+            return None
+        for a, b in self._ranges(self.step_rows):
+            self._add(tensors, offsets, a, b, self.chunk(a, b) @ z, alpha)
         return None
+
+    def _add(self, tensors: Sequence[torch.Tensor], offsets: list[int], a: int, b: int, step: torch.Tensor,
+             alpha: float) -> None:
+        """``tensors[a:b] += alpha * step`` over the flat range ``[a, b)``."""
+        pos = 0
+        for flat_view, lo, hi in self._segments(tensors, a, b, offsets):
+            flat_view[lo:hi].add_(step[pos:pos + hi - lo].to(flat_view.dtype), alpha=alpha)
+            pos += hi - lo
+
+    def _lift_exchanged(self, z: torch.Tensor, tensors: Sequence[torch.Tensor], offsets: list[int], alpha: float) -> None:
+        """Every rank computes ``U z`` on its rows, ``block`` rows at a time, and all-gathers the
+        blocks, so every rank adds the same values to its (replicated) tensors: memory of
+        ``world * block`` values, not n."""
+        world = len(self._bounds)
+        block = self.step_rows
+        longest = max(hi - lo for lo, hi in self._bounds)
+        device = comm_device(self._group)
+        mine = torch.zeros(block, dtype=self.dtype, device=device)
+        parts = [torch.empty(block, dtype=self.dtype, device=device) for _ in range(world)]
+        for start in range(0, longest, block):  # the same number of exchanges on every rank
+            a, b = min(self.lo + start, self.hi), min(self.lo + start + block, self.hi)
+            mine.zero_()
+            for c, e in self._pieces(a, b):
+                mine[c - a:e - a] = (self.chunk(c, e) @ z).to(device)
+            torch.distributed.all_gather(parts, mine, group=self._group)
+            for (lo, hi), part in zip(self._bounds, parts):
+                c, e = min(lo + start, hi), min(lo + start + block, hi)
+                if e > c:
+                    self._add(tensors, offsets, c, e, part[: e - c].to(self.device), alpha)
+
+    def _pieces(self, a: int, b: int) -> Iterator[tuple[int, int]]:
+        """``[a, b)`` of this rank's rows cut as :meth:`chunk` takes them (at storage chunks)."""
+        while a < b:
+            e = min((a // self.rows + 1) * self.rows, b) if self.mode == "mmap" else b
+            yield a, e
+            a = e
 
 
 def bind_basis(params: Sequence[torch.Tensor], basis: Basis | DeviceBasis) -> DeviceBasis:
@@ -221,7 +341,8 @@ def bind_basis(params: Sequence[torch.Tensor], basis: Basis | DeviceBasis) -> De
     parameters' total size."""
     placed = basis if isinstance(basis, DeviceBasis) else basis.on(params[0].device, dtype=params[0].dtype)
     n = sum(p.numel() for p in params)
-    if placed.n != n:
-        raise ValueError(f"the parameters hold {n} values, the basis has n = {placed.n}: "
+    if placed.n != n and not (placed.sharded and n == placed.hi - placed.lo):
+        mine = f" (or this rank's {placed.hi - placed.lo} rows of it)" if placed.sharded else ""
+        raise ValueError(f"the parameters hold {n} values, the basis has n = {placed.n}{mine}: "
                          "pass model.parameters() of the model the trajectory was recorded from")
     return placed
