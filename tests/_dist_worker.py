@@ -11,6 +11,10 @@ Scenarios (each rank writes its results under OUT as .npy / .json; nothing pickl
   (the per-rank failure of issue 13), with the rank check off.
 - ``products``: a stored basis sharded in each mode: ``project`` / ``lift`` of fixed vectors,
   resident bytes, and the shard-only products.
+- ``record``: a :class:`ShardedRecorder` writing the pattern snapshots of ``_writer_process``
+  (snapshot k is ``pattern(k)``, buffer ``k``) until COUNT are committed, resuming what is there;
+  ``--slice`` passes each rank's slice of the flat vector (FSDP-style) instead of the model.
+  Prints "committed k" after each snapshot (rank 0), so a test can kill a rank mid-run.
 """
 
 from __future__ import annotations
@@ -140,9 +144,30 @@ def scenario_products(args: argparse.Namespace, rank: int, world: int) -> None:
     (out / f"report-rank{rank}.json").write_text(json.dumps(report))
 
 
+def scenario_record(args: argparse.Namespace, rank: int, world: int) -> None:
+    import time
+
+    from _writer_process import Flat, pattern
+    from trajstore.sharded import ShardedRecorder
+
+    net = Flat(args.n)
+    net.set_snapshot(0)
+    recorder = ShardedRecorder(args.store, net, resume=True, create_options={"chunk_bytes": args.chunk_bytes})
+    lo, hi = recorder.bounds
+    while len(recorder) < args.count:
+        k = len(recorder)
+        net.set_snapshot(k)
+        flat = torch.from_numpy(pattern(k, args.n)[lo:hi].copy())
+        recorder.snapshot(flat if args.slice else None, step=k)
+        if rank == 0:
+            print(f"committed {k}", flush=True)
+        time.sleep(args.pause)
+    recorder.close()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=("optim", "products"))
+    parser.add_argument("scenario", choices=("optim", "products", "record"))
     parser.add_argument("out")
     parser.add_argument("--methods", default="pbfgs,pbfgs+,psgd,pbfgs+-sharded")
     parser.add_argument("--steps", type=int, default=8)
@@ -152,13 +177,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--double", action="store_true", help="model, data and basis in float64")
     parser.add_argument("--store", default=None)
     parser.add_argument("--basis", default=None)
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--chunk-bytes", type=int, default=4096)
+    parser.add_argument("--count", type=int, default=6)
+    parser.add_argument("--pause", type=float, default=0.0)
+    parser.add_argument("--slice", action="store_true")
     args = parser.parse_args(argv)
     global DTYPE
     DTYPE = torch.float64 if args.double else torch.float32
     torch.set_num_threads(1)
     init_from_env("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
-    {"optim": scenario_optim, "products": scenario_products}[args.scenario](args, rank, world)
+    {"optim": scenario_optim, "products": scenario_products, "record": scenario_record}[args.scenario](args, rank, world)
     shutdown()  # only after success: a failed rank exits, and the launcher stops the others
     return 0
 

@@ -61,6 +61,7 @@ SEGMENT = 256        # commits per sealed segment: a reader reads t / 256 seals 
 MAX_ROWS = 2**40     # physical rows a commit may name (offsets grow by one per takeover)
 MAX_CHUNKS = 2**20   # params chunks per snapshot: a commit lists one crc32c each (<= ~11 MiB of JSON)
 MAX_GENERATIONS = 1_000_000
+MAX_WRITERS = 65_536     # processes of one sharded writer session
 MAX_DOC_BYTES = 16 * 2**20  # a seal of 256 records with RNG states is ~1.8 MB
 _TOKEN = r"[0-9a-f]{32}"
 _GEN_NAME = re.compile(rf"(\d{{8}})-({_TOKEN})\.json")
@@ -81,13 +82,15 @@ class Generation:
     token: str
     base: int = 0
     offset: int = 0
+    writers: int = 1  # processes writing the session's rows together (trajstore.sharded)
 
     @property
     def name(self) -> str:
         return f"{self.seq:08d}-{self.token}"
 
     def to_json(self, **extra: Any) -> dict[str, Any]:
-        return {"seq": self.seq, "token": self.token, "base": self.base, "offset": self.offset, **extra}
+        return {"seq": self.seq, "token": self.token, "base": self.base, "offset": self.offset,
+                "writers": self.writers, **extra}
 
 
 @dataclass(frozen=True)
@@ -187,10 +190,12 @@ def _int(value: object, lo: int, hi: int) -> bool:
 def parse_generation(doc: object, seq: int, token: str) -> Generation:
     if not isinstance(doc, dict) or doc.get("seq") != seq or doc.get("token") != token:
         raise ValueError("its seq and token differ from its name")
-    base, offset = doc.get("base"), doc.get("offset")
+    base, offset, writers = doc.get("base"), doc.get("offset"), doc.get("writers", 1)
     if not _int(base, 0, MAX_SNAPSHOTS) or not _int(offset, 0, MAX_ROWS):
         raise ValueError(f"base {base!r:.40} / offset {offset!r:.40} out of range")
-    return Generation(seq, token, base, offset)
+    if not _int(writers, 1, MAX_WRITERS):
+        raise ValueError(f"writers {writers!r:.40} out of range")
+    return Generation(seq, token, base, offset, writers)
 
 
 def parse_commit_doc(doc: object, n_chunks: int, where: str) -> Commit:
@@ -393,23 +398,26 @@ def write_format1(store: Store, prefix: str, gen0: Generation, commits: Sequence
 
 
 def start_generation(store: Store, prefix: str, lease: Any, n_chunks: int, *, durable: bool, name: str,
-                     where: str) -> tuple[Generation, LogState]:
+                     where: str, writers: int = 1) -> tuple[Generation, LogState]:
     """Start a writer session under ``lease`` (a held :class:`~trajstore._lease.WriterLease`): its
     marker fences off every later commit of the writers before it. Returns the generation and the
     log as it stood (its ``count`` is the generation's ``base``).
 
     Its rows are offset past every earlier writer's when the previous holder may still be running
-    (a lapsed heartbeat): that writer's in-flight chunk writes must land in rows nobody commits.
+    (a lapsed heartbeat), or when the previous session had several writers (``writers`` > 1: the
+    processes that wrote its rows beside the lease holder may outlive it): their in-flight chunk
+    writes must land in rows nobody commits.
     On a heartbeat lease two takers may start at once: whoever sees another marker of its seq (or
     a later one) yields, so at most one of two goes on (at least one sees the other)."""
     from .errors import WriterConflictError
 
     state = read_log(store, prefix, n_chunks, where)
-    offset = state.max_offset + (1 if lease.took_over else 0)
+    latest = max(state.generations, default=None)
+    offset = state.max_offset + (1 if lease.took_over or (latest is not None and latest.writers > 1) else 0)
     if offset + MAX_SNAPSHOTS > MAX_ROWS:  # rows past MAX_ROWS would be committed, then read by no one
         raise InvalidStoreError(f"{where}: the commit log's writer offsets reach {offset} rows (a damaged or "
                                 f"hostile log: each takeover adds one); no writer can start")
-    gen = Generation(state.next_seq, lease.token, state.count, offset)
+    gen = Generation(state.next_seq, lease.token, state.count, offset, writers)
     write_generation(store, prefix, gen, durable=durable)
     if not lease.fenced_by_kernel:
         time.sleep(0.05)

@@ -154,6 +154,36 @@ class RowWriter:
                 self._flush(row, start, staging, view, fill, crcs)
         return crcs
 
+    def write_range(self, row: int, start: int, pieces: Sequence[torch.Tensor]) -> list[int]:
+        """Write the flat values ``pieces`` (1-D tensors, concatenated) at ``[start, start + size)``
+        of row ``row``, a range of whole chunks (``start`` on a chunk boundary, the end on one or
+        at n): the part of a snapshot one rank of a sharded writer holds. Returns the crc32c of
+        each chunk written, in order."""
+        size = sum(p.numel() for p in pieces)
+        if size == 0:
+            return []  # a rank past the end of a small vector holds no chunk
+        if start % self._chunk or not (start + size == self._layout.n or (start + size) % self._chunk == 0) \
+                or start + size > self._layout.n:
+            raise ValueError(f"[{start}, {start + size}) is not a range of whole chunks of {self._chunk} values "
+                             f"within n = {self._layout.n}")
+        self._source = ()
+        staging = self._stage()
+        view = self._dtype.as_torch(staging)
+        crcs: list[int] = []
+        fill, at = 0, start
+        for piece in pieces:
+            flat, done = piece.detach().reshape(-1), 0
+            while done < flat.numel():
+                take = min(flat.numel() - done, staging.shape[0] - fill)
+                view[fill:fill + take].copy_(flat[done:done + take])
+                fill, done = fill + take, done + take
+                if fill == staging.shape[0]:
+                    at = self._flush(row, at, staging, view, fill, crcs)
+                    fill = 0
+        if fill:
+            self._flush(row, at, staging, view, fill, crcs)
+        return crcs
+
     def _plan_copies(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         """For CPU parameters of the storage dtype that fit in one staging fill together: views of
         the staging buffer shaped as the parameters, so an append copies them with one
@@ -205,7 +235,8 @@ class RowWriter:
         decoded = self._dtype.decode(values) if values.dtype != np.float32 else values
         at = start + int(np.nonzero(~np.isfinite(decoded))[0][0])
         k, spec = next((k, s) for k, s in enumerate(self._layout.params) if s.offset <= at < s.stop)
-        value = self._source[k].detach().reshape(-1)[at - spec.offset].item()
+        value = self._source[k].detach().reshape(-1)[at - spec.offset].item() if self._source else \
+            float(decoded[at - start])
         raise NonFiniteError(
             f"parameter {spec.name!r} holds a non-finite value at flat index {at - spec.offset} "
             f"(value {value!r}) as {self._dtype.name}; nothing was committed"
@@ -245,13 +276,13 @@ class RowWriter:
 
     # ------------------------------------------------------------ durability and clean-up
 
-    def sync_row(self, row: int) -> None:
+    def sync_row(self, row: int, buffers: bool = True) -> None:
         """fsync the row's folders and the folders holding them (local folders; chunk files were
         fsynced as they were written): new directory entries must reach the disk before the commit."""
         if self._root is None or not self._durable:
             return
         folders = [f"{self._prefix}/params/c/{row}", f"{self._prefix}/params/c"]
-        if self._layout.buffer_nbytes:
+        if self._layout.buffer_nbytes and buffers:
             folders += [f"{self._prefix}/buffers/c/{row}", f"{self._prefix}/buffers/c"]
         pool = self._pool or ThreadPoolExecutor(_WRITERS)
         list(pool.map(lambda f: _io.fsync_path(self._root / f), folders))  # type: ignore[operator]

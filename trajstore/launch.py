@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["init_from_env", "shutdown", "spawn", "world_from_env"]
+__all__ = ["init_from_env", "shutdown", "spawn", "start", "world_from_env"]
 
 _POLL_S = 0.05
 
@@ -97,20 +97,7 @@ def spawn(argv: Sequence[str], nproc: int, *, env: Mapping[str, str] | None = No
     to every child, and the parent then waits for them. With ``logs`` (a folder), rank r's
     output goes to ``logs/rank-r.log`` instead of the parent's.
     """
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
-    base = dict(os.environ if env is None else env)
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-                LOCAL_WORLD_SIZE=str(nproc))
-    base.setdefault("GLOO_SOCKET_IFNAME", _loopback())
-    # A session of their own: a terminal's Ctrl-C reaches them once, through the parent.
-    outputs = [open(os.path.join(logs, f"rank-{r}.log"), "wb") if logs is not None else None for r in range(nproc)]
-    children = [subprocess.Popen([sys.executable, *argv], cwd=cwd, start_new_session=True, stdout=outputs[r],
-                                 stderr=subprocess.STDOUT if logs is not None else None,
-                                 env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    for f in outputs:
-        if f is not None:
-            f.close()  # the child holds its own descriptor
+    children = start(argv, nproc, env=env, cwd=cwd, logs=logs)
     forwarded: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -126,6 +113,26 @@ def spawn(argv: Sequence[str], nproc: int, *, env: Mapping[str, str] | None = No
         for s, handler in previous.items():
             signal.signal(s, handler)
         _stop(children)
+
+
+def start(argv: Sequence[str], nproc: int, *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+          logs: str | os.PathLike[str] | None = None) -> list[subprocess.Popen[bytes]]:
+    """Start the ``nproc`` processes of :func:`spawn` and return them (rank order) without waiting."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    base = dict(os.environ if env is None else env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc))
+    base.setdefault("GLOO_SOCKET_IFNAME", _loopback())
+    # A session of their own: a terminal's Ctrl-C reaches them once, through the parent.
+    outputs = [open(os.path.join(logs, f"rank-{r}.log"), "wb") if logs is not None else None for r in range(nproc)]
+    children = [subprocess.Popen([sys.executable, *argv], cwd=cwd, start_new_session=True, stdout=outputs[r],
+                                 stderr=subprocess.STDOUT if logs is not None else None,
+                                 env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    for f in outputs:
+        if f is not None:
+            f.close()  # the child holds its own descriptor
+    return children
 
 
 def _wait(children: list[subprocess.Popen[bytes]], timeout_s: float | None) -> int:

@@ -25,7 +25,17 @@ from .errors import InvalidStoreError, LayoutMismatchError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BufferSpec", "Layout", "ParamSpec", "MAX_ELEMENTS"]
+__all__ = ["BufferSpec", "Layout", "ParamSpec", "MAX_ELEMENTS", "unwrap_model"]
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (their parameters are the
+    inner module's, named ``module.*``); any other model as it is."""
+    import torch
+
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
 
 # A bound on what a layout read from a store may claim (2**40 float32 values = 4 TiB per
 # snapshot), so a hostile store cannot make us allocate from absurd shapes.
@@ -145,6 +155,7 @@ class Layout:
         ValueError
             A model without parameters.
         """
+        model = unwrap_model(model)
         params: list[ParamSpec] = []
         offset = 0
         for name, p in model.named_parameters():
@@ -171,8 +182,10 @@ class Layout:
     def check_model(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The model's parameters and buffers in layout order, or a LayoutMismatchError.
 
-        The error names the first differing parameter (or buffer) and both shapes.
+        The error names the first differing parameter (or buffer) and both shapes. A model in
+        ``DistributedDataParallel`` is checked as the module inside.
         """
+        model = unwrap_model(model)
         params = list(model.named_parameters())
         buffers = _persistent_buffers(model)
         _compare("parameter", [(s.name, s.shape, s.dtype) for s in self.params], params)

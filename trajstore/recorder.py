@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ._backend import StoreLike
+from .distributed import group_of, rank_and_world
 from .errors import InvalidStoreError, NotAStoreError, StoreExistsError
 from .store import DEFAULT_TRAJECTORY, TrajectoryStore
 
@@ -54,6 +55,14 @@ class Recorder:
         interrupted before its first commit is created anew).
     create_options : mapping, optional
         ``storage_dtype``, ``chunk_bytes``, ``attrs``, ``durable``, ``storage_options``.
+    process_group : ProcessGroup, optional
+        Under torch.distributed (the default group when one is initialized), only rank 0 records:
+        under DDP every rank holds the same parameters. On the other ranks the recorder writes
+        nothing and opens nothing (``store`` is None, :attr:`writes` False); ``snapshot`` returns
+        the index the snapshot gets on rank 0 when this rank's calls match rank 0's. Nothing here
+        is collective, so creating a Recorder on rank 0 alone works too. To share the writing
+        between the ranks, or to record sharded parameters, use
+        :class:`trajstore.sharded.ShardedRecorder`.
 
     Notes
     -----
@@ -65,7 +74,22 @@ class Recorder:
 
     def __init__(self, store: StoreLike | TrajectoryStore, model: torch.nn.Module, *, initial: bool = True,
                  background: bool = True, trajectory: str = DEFAULT_TRAJECTORY, resume: bool = False,
-                 create_options: Mapping[str, Any] | None = None) -> None:
+                 create_options: Mapping[str, Any] | None = None, process_group: Any = None) -> None:
+        self.writes = rank_and_world(group_of(process_group))[0] == 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[int] | None = None
+        self._copy = self._wait = self._write = 0.0
+        if not self.writes:  # another rank records; this one only counts
+            self.store: TrajectoryStore | None = None
+            self._owns, self._count = False, 0
+            if resume and not isinstance(store, TrajectoryStore) and trajectory in _existing(store, create_options):
+                opts = dict(create_options or {})
+                with TrajectoryStore.open(store, "r", trajectory=trajectory,
+                                          storage_options=opts.get("storage_options")) as found:
+                    self._count = len(found)
+            if initial and self._count == 0:
+                self._count = 1
+            return
         self._owns = not isinstance(store, TrajectoryStore)
         if isinstance(store, TrajectoryStore):
             self.store = store
@@ -78,9 +102,7 @@ class Recorder:
         self._host_buffers = [_host_like(b) for b in self._buffers]
         self._on_cuda = any(t.is_cuda for t in self._params + self._buffers)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="trajstore-recorder") if background else None
-        self._pending: Future[int] | None = None
         self._count = len(self.store)
-        self._copy = self._wait = self._write = 0.0
         if initial and self._count == 0:
             self.snapshot(step=0, epoch=0)
 
@@ -99,6 +121,9 @@ class Recorder:
     def snapshot(self, *, step: int | None = None, epoch: int | float | None = None, lr: float | None = None,
                  metrics: Mapping[str, float] | None = None, rng_state: bool = False) -> int:
         """Copy the model's current state and append it (in the background); returns its index."""
+        if not self.writes:
+            self._count += 1
+            return self._count - 1
         self._finish_pending()
         started = time.perf_counter()
         with torch.no_grad():
@@ -150,7 +175,7 @@ class Recorder:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-            if self._owns:
+            if self._owns and self.store is not None:
                 self.store.close()
 
     def __enter__(self) -> Recorder:

@@ -158,7 +158,11 @@ class TrajectoryStore(ReadPath):
     """
 
     def __init__(self, zstore: zarr.abc.store.Store, where: str, trajectory: str, mode: str,
-                 durable: bool = True, lease: WriterLease | None = None, lease_ttl: float = DEFAULT_TTL) -> None:
+                 durable: bool = True, lease: WriterLease | None = None, lease_ttl: float = DEFAULT_TTL,
+                 writers: int = 1) -> None:
+        if isinstance(writers, bool) or not isinstance(writers, int) or not 1 <= writers <= _log.MAX_WRITERS:
+            raise ValueError(f"writers must be an integer in [1, {_log.MAX_WRITERS}], got {writers!r}")
+        self._writers = writers
         self._zstore = zstore
         self._durable = bool(durable)
         self._where = where
@@ -185,7 +189,8 @@ class TrajectoryStore(ReadPath):
     def create(cls, url: StoreLike, model: torch.nn.Module, *, trajectory: str = DEFAULT_TRAJECTORY,
                storage_dtype: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                attrs: Mapping[str, Any] | None = None, durable: bool = True,
-               storage_options: dict[str, Any] | None = None, lease_ttl: float = DEFAULT_TTL) -> TrajectoryStore:
+               storage_options: dict[str, Any] | None = None, lease_ttl: float = DEFAULT_TTL,
+               writers: int = 1) -> TrajectoryStore:
         """Create a trajectory for ``model`` (and the store, if ``url`` holds none yet).
 
         Parameters
@@ -212,6 +217,10 @@ class TrajectoryStore(ReadPath):
         lease_ttl : float
             Seconds without a heartbeat after which another process may take the write lease over
             (object stores and other non-local backends; a local folder's lease is an flock).
+        writers : int
+            Processes that write this session's snapshots together (a
+            :class:`~trajstore.sharded.ShardedRecorder` of that many ranks; 1 otherwise): recorded
+            in the commit log, so the next session offsets its rows past any late write of theirs.
 
         Returns
         -------
@@ -264,18 +273,19 @@ class TrajectoryStore(ReadPath):
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not isinstance(e, TrajstoreError):
                 raise _read_only_error(where, e) from None
             raise
-        return cls(zstore, where, name, "a", durable, lease=lease, lease_ttl=lease_ttl)
+        return cls(zstore, where, name, "a", durable, lease=lease, lease_ttl=lease_ttl, writers=writers)
 
     @classmethod
     def open(cls, url: StoreLike, mode: Literal["r", "a"] = "r", *, trajectory: str | None = None,
              durable: bool = True, storage_options: dict[str, Any] | None = None,
-             lease_ttl: float = DEFAULT_TTL) -> TrajectoryStore:
+             lease_ttl: float = DEFAULT_TTL, writers: int = 1) -> TrajectoryStore:
         """Open a trajectory of an existing store.
 
         ``trajectory`` may be left out when the store holds one trajectory (or one named
         ``"default"``). ``mode="a"`` takes the write lease and fails with WriterConflictError while
         another live process holds it; a format-1 trajectory is then migrated to format 2 (its
         records written to the commit log once; readers of either version see the same snapshots).
+        ``writers`` is :meth:`create`'s.
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
@@ -293,7 +303,7 @@ class TrajectoryStore(ReadPath):
                 raise TrajectoryNotFoundError(f"{where} holds trajectories {names}; pass trajectory=NAME")
         if trajectory not in names:
             raise TrajectoryNotFoundError(f"{where} holds no trajectory {trajectory!r} (it has {names})")
-        return cls(zstore, where, trajectory, mode, durable, lease_ttl=lease_ttl)
+        return cls(zstore, where, trajectory, mode, durable, lease_ttl=lease_ttl, writers=writers)
 
     @staticmethod
     def _names(root: zarr.Group) -> list[str]:
@@ -400,7 +410,8 @@ class TrajectoryStore(ReadPath):
             self._migrate()
             self.refresh()
         gen, state = _log.start_generation(self._zstore, self._prefix, self._lease, -(-self.n // self.chunk_elems),
-                                           durable=self._durable, name=self._name, where=self._where)
+                                           durable=self._durable, name=self._name, where=self._where,
+                                           writers=self._writers)
         self._gen = gen
         self._log_state = state
         self._commits = list(state.commits)
@@ -542,23 +553,55 @@ class TrajectoryStore(ReadPath):
 
     def _append(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], meta: dict[str, Any],
                 checked: bool) -> int:
+        started = time.time()
+        self._check_appendable()
+        record = make_record(**meta, time=started)
+        if not checked:
+            self._static.layout.check_tensors(params, buffers)
+        assert self._writer is not None
+        index, row = self._begin_row()
+        try:
+            crcs = self._writer.write_params(row, list(params))
+            buffers_crc = self._writer.write_buffers(row, list(buffers))
+        except Exception as e:
+            raise self._abort_row(index, row, e)  # type: ignore[misc]
+        return self._commit_row(index, row, crcs, buffers_crc, record, started)
+
+    def _check_appendable(self) -> None:
         if self._mode != "a":
             raise ReadOnlyError(f"{self._where} trajectory {self._name!r} is open read-only; open it with mode='a' to append")
         if self._poisoned:
             raise WriterConflictError(f"trajectory {self._name!r}: this handle can append no more ({self._poisoned})")
+
+    def _begin_row(self) -> tuple[int, int]:
+        """The next snapshot's index and physical row, with room for the row (step 1 of an append;
+        :class:`~trajstore.sharded.ShardedRecorder` has other processes write parts of the row)."""
+        self._check_appendable()
         assert self._lease is not None and self._gen is not None and self._writer is not None
-        started = time.time()
-        record = make_record(**meta, time=started)
-        if not checked:
-            self._static.layout.check_tensors(params, buffers)
         index = self._count
         row = index + self._gen.offset
         self._lease.check(self._name)
-        commit: _log.Commit | None = None
         try:
             self._writer.ensure_capacity(row)
-            crcs = self._writer.write_params(row, list(params))
-            buffers_crc = self._writer.write_buffers(row, list(buffers))
+        except Exception as e:
+            raise self._abort_row(index, row, e)  # type: ignore[misc]
+        return index, row
+
+    def _abort_row(self, index: int, row: int, error: Exception) -> Exception:
+        """The error to raise for a row that will not be committed (its chunks removed)."""
+        failed = self._append_failed(index, row, error, None)
+        assert failed is not None
+        if failed is not error:
+            failed.__cause__ = error
+        return failed
+
+    def _commit_row(self, index: int, row: int, crcs: Sequence[int], buffers_crc: int | None, record: SnapshotRecord,
+                    started: float) -> int:
+        """Commit row ``row``, all of whose chunks are written, as snapshot ``index`` (the last
+        step of an append): fsync the row's folders, check the lease, write the commit document."""
+        assert self._lease is not None and self._gen is not None and self._writer is not None
+        commit: _log.Commit | None = None
+        try:
             self._writer.sync_row(row)
             self._lease.check(self._name)
             record["append_seconds"] = time.time() - started
