@@ -48,6 +48,7 @@ from trajstore.layout import Layout
 from trajstore.recorder import Recorder
 
 from . import data as datasets
+from . import ranks
 from .atomic import save_json, save_torch
 from .models import build_model
 
@@ -90,6 +91,7 @@ class ExperimentConfig:
     psgd_lr: float = 0.1               # P-SGD (momentum 0.9) step size on the coordinates
     residual_lr: float = 0.01          # P+-BFGS: SGD with momentum 0.9 on the residual gradient
     basis_mode: str = "auto"           # resident | mmap | stream | auto (see DeviceBasis)
+    shard_basis: bool = False          # several processes: each holds 1/N of U's rows (see DeviceBasis)
     # -- evaluation and running
     projection_k: int = 5              # Figure 2b: projection onto the top k directions
     projection_snapshots: int = 0      # snapshots evaluated for Figure 2b (0 = all of the window)
@@ -302,14 +304,17 @@ def _num_batches(dataset: Dataset[Any], batch_size: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset[Any], cfg: ExperimentConfig, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (percent) of ``model`` in eval mode."""
+    """Mean cross-entropy and accuracy (percent) of ``model`` in eval mode (on several processes,
+    each evaluates its part of ``dataset`` and the sums are all-reduced)."""
     model.eval()
     loss, correct, count = 0.0, 0, 0
-    for x, y in _batches(dataset, cfg.eval_batch_size, device, generator=None, num_workers=cfg.num_workers):
+    for x, y in _batches(ranks.part_of(dataset), cfg.eval_batch_size, device, generator=None,
+                         num_workers=cfg.num_workers):
         logits = model(x)
         loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         count += len(y)
+    loss, correct, count = ranks.all_sum([loss, correct, count], device)
     return loss / count, 100.0 * correct / count
 
 
@@ -322,6 +327,8 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 def _save_atomic(obj: Any, path: Path) -> None:
     # a reader, or a resumed run, sees the old file or the new one, never half of one
+    if not ranks.is_main():
+        return  # on several processes rank 0 writes every file (the ranks hold the same state)
     if path.suffix == ".json":
         save_json(obj, path)
     else:
@@ -336,8 +343,8 @@ class _Setup:
     """Data, device and a model factory for one seed of an experiment."""
 
     def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if cfg.threads or ranks.world() > 1:
+            torch.set_num_threads(cfg.threads or ranks.default_threads())
         self.cfg, self.seed, self.device = cfg, seed, _device(cfg)
         data = datasets.load(cfg.data, root=cfg.data_root, label_noise_fraction=cfg.label_noise, seed=seed,
                              augment=cfg.augment)
@@ -346,7 +353,8 @@ class _Setup:
 
     def model(self) -> nn.Module:
         torch.manual_seed(self.seed)  # the initialization: snapshot 0 of the trajectory
-        return build_model(self.cfg.model, self.num_classes, self.input_shape).to(self.device)
+        model = build_model(self.cfg.model, self.num_classes, self.input_shape).to(self.device)
+        return ranks.sync_batchnorm(model)  # on several processes: the global batch's statistics
 
 
 # ------------------------------------------------------------------------------- stage 1: sample
@@ -368,9 +376,10 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
     ``folder/sgd.json``; resumes from ``folder/sgd.ckpt.pt``."""
     done, ckpt_path = folder / "sgd.json", folder / "sgd.ckpt.pt"
     if done.exists():
-        ckpt_path.unlink(missing_ok=True)  # a run killed between the two left it
+        _remove(ckpt_path)  # a run killed between the two left it
         return json.loads(done.read_text())
     setup = setup or _Setup(cfg, seed)
+    ranks.check_split(setup.train, cfg.batch_size, "batch_size")
     folder.mkdir(parents=True, exist_ok=True)
     model = setup.model()
     opt, sched = _sampler(cfg, model)
@@ -382,12 +391,13 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
+    net = ranks.wrap(model)  # DDP on several processes: gradients averaged over the ranks
     recorder = Recorder(folder / STORE, model, resume=True,
                         create_options={"storage_dtype": cfg.storage_dtype,
                                         "attrs": {"experiment": cfg.to_json(), "seed": seed}})
     base = dict(state["recorder"])
     bar = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc=f"seed {seed}: {cfg.optimizer.upper()}",
-               unit="epoch", initial=state["epoch"], total=cfg.epochs)
+               unit="epoch", initial=state["epoch"], total=cfg.epochs, disable=not ranks.is_main())
     try:
         for epoch in bar:
             started = time.perf_counter()
@@ -395,14 +405,14 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
             model.train()
             loss_sum, correct, count = 0.0, 0, 0
             sampling = epoch <= cfg.sample_epochs
-            for x, y in _batches(setup.train, cfg.batch_size, setup.device, generator=gen, num_workers=cfg.num_workers):
+            for x, y, rows in _train_batches(setup, cfg.batch_size, gen, cfg.num_workers):
                 opt.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
+                logits = net(x)
+                loss = ranks.scaled_loss(logits, y, rows)
                 loss.backward()
                 opt.step()
                 state["step"] += 1
-                loss_sum += loss.item() * len(y)
+                loss_sum += loss.item() * rows / ranks.world()  # this rank's share of the batch's loss sum
                 correct += int((logits.argmax(1) == y).sum())
                 count += len(y)
                 if sampling and cfg.snapshot_every and state["step"] % cfg.snapshot_every == 0:
@@ -410,6 +420,7 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
             if sampling and not cfg.snapshot_every:
                 _snapshot(recorder, state, epoch, opt)
             sched.step()
+            loss_sum, correct, count = ranks.all_sum([loss_sum, correct, count], setup.device)
             test_loss, test_acc = evaluate(model, setup.test, cfg, setup.device)
             recorder.flush()  # the checkpoint must not claim a snapshot that is not committed
             state["seconds"] += time.perf_counter() - started
@@ -433,8 +444,26 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
               **_peak_memory(setup.device)}
     _save_atomic(model.state_dict(), folder / "sgd.pt")  # the baseline's final model
     _save_atomic(result, done)
-    ckpt_path.unlink(missing_ok=True)
+    _remove(ckpt_path)
+    ranks.barrier()  # the other ranks go on once rank 0 has written the stage's files
     return result
+
+
+def _remove(path: Path) -> None:
+    if ranks.is_main():
+        path.unlink(missing_ok=True)
+
+
+def _train_batches(setup: _Setup, batch_size: int, generator: torch.Generator,
+                   num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``(x, y, rows of the global batch)``: the whole batch on one process, this rank's part of
+    it on several (pipelines.ranks)."""
+    if ranks.world() > 1:
+        yield from ranks.rank_batches(setup.train, batch_size, setup.device, generator=generator,
+                                      num_workers=num_workers)
+        return
+    for x, y in _batches(setup.train, batch_size, setup.device, generator=generator, num_workers=num_workers):
+        yield x, y, len(y)
 
 
 def _snapshot(recorder: Recorder, state: dict[str, Any], epoch: int, opt: torch.optim.Optimizer) -> None:
@@ -452,7 +481,10 @@ def compute_basis(cfg: ExperimentConfig, folder: Path, sampled: dict[str, Any]) 
     """The DLDR basis of every snapshot of the sampling window (cached in the store)."""
     started = time.perf_counter()
     window = sampled["snapshots"]
-    basis = dldr(folder / STORE, cfg.dim, stop=window, name=f"window-d{cfg.dim}", progress=True)
+    if ranks.is_main():
+        dldr(folder / STORE, cfg.dim, stop=window, name=f"window-d{cfg.dim}", progress=True)
+    ranks.barrier()  # every rank opens the basis rank 0 computed (dldr finds it complete)
+    basis = dldr(folder / STORE, cfg.dim, stop=window, name=f"window-d{cfg.dim}", progress=ranks.is_main())
     evr = basis.explained_variance_ratio
     return basis, {"name": basis.name, "window": [basis.start, basis.stop], "d": basis.d, "n": basis.n,
                    "singular_values": basis.singular_values.tolist(), "explained_variance_ratio": evr.tolist(),
@@ -483,14 +515,15 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
     batch_size = batch_size or cfg.subspace_batch_size
     done, ckpt_path = folder / f"{tag}.json", folder / f"{tag}.ckpt.pt"
     if done.exists():
-        ckpt_path.unlink(missing_ok=True)  # a run killed between the two left it
+        _remove(ckpt_path)  # a run killed between the two left it
         return json.loads(done.read_text())
     setup = setup or _Setup(cfg, seed)
+    ranks.check_split(setup.train, batch_size, "subspace_batch_size")
     model = setup.model()
     folder.mkdir(parents=True, exist_ok=True)
     with TrajectoryStore.open(store or folder / STORE, trajectory=basis.trajectory) as trajectory:
         trajectory.load_into(model, basis.start)
-    on_device = basis.on(setup.device, mode=cfg.basis_mode)
+    on_device = basis.on(setup.device, mode=cfg.basis_mode, shard=cfg.shard_basis)
     opt = _subspace_optimizer(cfg, method, model, on_device)
     state: dict[str, Any] = {"epoch": 0, "history": [], "seconds": 0.0}
     ckpt = _load_checkpoint(ckpt_path)
@@ -498,30 +531,32 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+    net = ranks.wrap(model)
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     bar = tqdm(range(state["epoch"] + 1, epochs + 1), desc=f"seed {seed}: {tag}", unit="epoch",
-               initial=state["epoch"], total=epochs)
+               initial=state["epoch"], total=epochs, disable=not ranks.is_main())
     for epoch in bar:
         started = time.perf_counter()
         gen = _reseed(seed, tag, epoch)
         model.train()
         loss_sum, correct, count = 0.0, [0], 0
-        for x, y in _batches(setup.train, batch_size, setup.device, generator=gen, num_workers=cfg.num_workers):
+        for x, y, rows in _train_batches(setup, batch_size, gen, cfg.num_workers):
             def closure() -> torch.Tensor:
                 grad = torch.is_grad_enabled()  # line-search trials run without gradients
                 if grad:
                     opt.zero_grad(set_to_none=False)
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
+                logits = net(x)
+                loss = ranks.scaled_loss(logits, y, rows)
                 if grad:
                     loss.backward()
                     correct[0] += int((logits.argmax(1) == y).sum())  # at the step's origin, as for SGD
                 return loss
 
-            loss = opt.step(closure)
-            loss_sum += (loss.item() if isinstance(loss, torch.Tensor) else float(loss)) * len(y)
-            count += len(y)
+            loss = opt.step(closure)  # on several processes: the mean over the ranks, the batch's mean
+            loss_sum += (loss.item() if isinstance(loss, torch.Tensor) else float(loss)) * rows
+            count += rows
+        correct[0] = int(ranks.all_sum([correct[0]], setup.device)[0])
         test_loss, test_acc = evaluate(model, setup.test, cfg, setup.device)
         state["seconds"] += time.perf_counter() - started
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / count, "train_acc": 100.0 * correct[0] / count,
@@ -539,7 +574,8 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
                                  "max_trials": int(max(trials, default=0))}
     _save_atomic(model.state_dict(), folder / f"{tag}.pt")  # the trained model
     _save_atomic(result, done)
-    ckpt_path.unlink(missing_ok=True)
+    _remove(ckpt_path)
+    ranks.barrier()
     return result
 
 
@@ -567,7 +603,8 @@ def projection_accuracy(cfg: ExperimentConfig, folder: Path, seed: int, basis: t
         picks = np.unique(np.linspace(basis.start, basis.stop - 1, cfg.projection_snapshots).round().astype(int))
     rows = []
     with TrajectoryStore.open(folder / STORE, trajectory=basis.trajectory) as store:
-        for j in tqdm(picks, desc=f"seed {seed}: projections (k={k})", unit="snapshot"):
+        for j in tqdm(picks, desc=f"seed {seed}: projections (k={k})", unit="snapshot",
+                      disable=not ranks.is_main()):
             store.load_into(model, int(j))
             _, acc = evaluate(model, setup.test, cfg, setup.device)
             projected = torch.from_numpy(mean + uk @ coords[j - basis.start]).to(setup.device)
@@ -578,6 +615,7 @@ def projection_accuracy(cfg: ExperimentConfig, folder: Path, seed: int, basis: t
                          "projected_test_acc": acc_k})
     result = {"k": k, "snapshots": rows}
     _save_atomic(result, done)
+    ranks.barrier()
     return result
 
 
@@ -596,7 +634,7 @@ def run_seed(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
 
 
 # Fields that do not change what a seed folder holds: a run may resume with other values.
-_RUNTIME_FIELDS = ("class", "out", "seed", "seeds", "threads", "num_workers", "eval_batch_size")
+_RUNTIME_FIELDS = ("class", "out", "seed", "seeds", "threads", "num_workers", "eval_batch_size", "shard_basis")
 
 
 def _check_folder(cfg: ExperimentConfig) -> None:
@@ -616,7 +654,11 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     """All seeds end to end, then the report (``results.json``, figures, a printed table)."""
     from .report import write_report
 
-    _check_folder(cfg)
+    if ranks.is_main():
+        _check_folder(cfg)
+    ranks.barrier()
     started = time.perf_counter()
     per_seed = [run_seed(cfg, cfg.seed + s) for s in range(cfg.seeds)]
+    if not ranks.is_main():
+        return {"rank": ranks.rank(), "seeds": per_seed}
     return write_report(cfg, per_seed, time.perf_counter() - started)

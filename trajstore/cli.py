@@ -100,6 +100,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         flags["lr"] = "0.001"  # the paper's Adam learning rate
     cfg = experiment_config(args.experiment).with_overrides(**flags, **_overrides(args.set), seed=args.seed, out=args.out)
     result = sample(cfg, Path(args.out), args.seed)
+    from pipelines import ranks
+
+    if not ranks.is_main():
+        return 0
     last = result["history"][-1]
     over = result["sampling"]
     print(f"{result['snapshots']} snapshots in {Path(args.out) / 'trajectory.zarr'}; {cfg.optimizer.upper()} "
@@ -134,15 +138,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if type(seed) is not int or not 0 <= seed < 2**63:
         raise InvalidStoreError(f"the store's attribute seed = {seed!r:.100} is not an integer in [0, 2**63)")
     check_store_model(cfg, layout)
+    from pipelines import ranks
+
     if args.basis:
         basis = open_basis(args.store, args.basis)
     else:
-        basis = dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory, progress=True)
+        if ranks.is_main():  # rank 0 computes; the others find it complete
+            dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory, progress=True)
+        ranks.barrier()
+        basis = dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory,
+                     progress=ranks.is_main())
     folder = Path(args.out) if args.out else Path(os.fspath(args.store)).resolve().parent
     tag = f"train-{args.optimizer}-{basis.name}-e{args.epochs}-b{args.batch_size}"
     result = train_subspace(cfg, folder, seed, args.optimizer, basis, epochs=args.epochs,
                             batch_size=args.batch_size, tag=tag, store=args.store)
     last = result["history"][-1] if result["history"] else {"test_acc": float("nan")}
+    if not ranks.is_main():
+        return 0
     print(f"{args.optimizer} in {basis.name} ({basis.d}-D, window [{basis.start}, {basis.stop})): "
           f"{args.epochs} epochs, test accuracy {last['test_acc']:.2f}%; wrote {folder / (tag + '.json')}")
     return 0
@@ -170,6 +182,51 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from pipelines import bench
 
     return bench.run(args)
+
+
+def _add_nproc(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="run on N local processes sharing each global batch (torch.distributed: gloo on "
+                             "CPU, nccl on GPU; default 1); the same as torchrun --nproc-per-node N -m trajstore ...")
+
+
+def _in_job(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Start the N processes of ``--nproc N`` (the exit code), or join the job this process is a
+    rank of (None: go on and run the command)."""
+    import os
+
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        raise SystemExit(f"trajstore: error: --nproc must be >= 1, got {nproc}")
+    if "WORLD_SIZE" not in os.environ:
+        if nproc == 1:
+            return None
+        if getattr(args, "experiment", None) == "demo":
+            raise SystemExit("trajstore: error: the demo runs on one process; leave out --nproc")
+        from .launch import spawn
+
+        return spawn(["-m", "trajstore", *_without_nproc(argv)], nproc)
+    import torch
+
+    from .launch import init_from_env
+
+    device = getattr(args, "device", None) or _overrides(getattr(args, "set", [])).get("device") or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    init_from_env(device)
+    return None
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
+    _add_nproc(sample)
     sample.set_defaults(func=_cmd_sample)
 
     train = sub.add_parser("train", help="train from the trajectory's initialization in its DLDR subspace")
@@ -241,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default=None)
     train.add_argument("--device", default=None)
     train.add_argument("--out", default=None, help="folder for the result (default: the store's folder)")
+    _add_nproc(train)
     train.set_defaults(func=_cmd_train)
 
     plan_ = sub.add_parser("plan", help="predict disk, memory and I/O of each stage before any work")
@@ -268,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, default=1, help="number of seeds (mean +- std over them)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change a config field, e.g. --set data_root=~/data --set epochs=50")
+    _add_nproc(run)
     run.set_defaults(func=_cmd_run)
     return parser
 
@@ -280,7 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = _in_job(args, argv)
+        if code is not None:
+            return code
+        code = int(args.func(args))
     except (TrajstoreError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"trajstore: error: {e}", file=sys.stderr)
         return 2
+    from .launch import shutdown
+
+    shutdown()  # a rank of a job leaves it (a no-op on one process)
+    return code
