@@ -240,3 +240,18 @@ def test_a_trajectory_folder_with_a_name_breaking_the_rule_is_reported(tmp_path:
     assert TrajectoryStore.list_trajectories(path) == ["default"]  # never opened by a name off the rule
     report = verify(path)
     assert not report.ok and any("'a\\\\b'" in f.where and "does not match" in f.message for f in report.errors)
+
+
+@pytest.mark.parametrize("writers", [0, 10**9, "2", None])
+def test_a_generation_marker_with_a_bad_writer_count_is_reported(tmp_path: Path, writers: object) -> None:
+    """A marker's ``writers`` (the processes of a sharded session) is bounded input like its
+    offset: out of range, the marker is unusable and said so, never trusted."""
+    import json
+
+    path = tmp_path / "s.zarr"
+    _written(path, t=2)
+    [gen] = (path / "trajectories" / "default" / "log" / "gen").glob("*.json")
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "writers": writers}))
+    store = TrajectoryStore.open(path)
+    assert len(store) == 0  # its commits have no valid generation
+    assert any("writers" in p and "out of range" in p for p in store.log.problems)

@@ -29,7 +29,16 @@ def __getattr__(name: str) -> object:
         from .recorder import Recorder
 
         return Recorder
+    if name == "ShardedRecorder":
+        from .sharded import ShardedRecorder
+
+        return ShardedRecorder
+    if name == "RankMismatchError":
+        from .distributed import RankMismatchError
+
+        return RankMismatchError
     raise AttributeError(f"module 'trajstore' has no attribute {name!r}")
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "ClosureError", "Layout", "PBFGS", "PSGD", "Recorder", "TrajectoryStore", "dldr", "gram_matrix", "open_basis", "__version__", *_errors_all]
+__all__ = ["Basis", "ClosureError", "Layout", "PBFGS", "PSGD", "RankMismatchError", "Recorder", "ShardedRecorder",
+           "TrajectoryStore", "dldr", "gram_matrix", "open_basis", "__version__", *_errors_all]

@@ -60,7 +60,8 @@ class PSGD(torch.optim.Optimizer):
                 loss = closure()
             if self._group is not None:
                 value = mean_over_ranks(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss), self._group)
-                loss = torch.tensor(value, dtype=loss.dtype if isinstance(loss, torch.Tensor) else torch.float64)
+                loss = torch.tensor(value, dtype=loss.dtype, device=loss.device) if isinstance(loss, torch.Tensor) \
+                    else torch.tensor(value, dtype=torch.float64)
         group = self.param_groups[0]
         state = self.state[self._params[0]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
