@@ -187,7 +187,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_nproc(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="run on N local processes sharing each global batch (torch.distributed: gloo on "
-                             "CPU, nccl on GPU; default 1); the same as torchrun --nproc-per-node N -m trajstore ...")
+                             "CPU, nccl on GPU; default 1); the same as torchrun --standalone --nproc-per-node N -m trajstore ...")
 
 
 def _in_job(args: argparse.Namespace, argv: list[str]) -> int | None:
