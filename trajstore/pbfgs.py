@@ -77,9 +77,17 @@ class PBFGS(torch.optim.Optimizer):
     Parameters
     ----------
     params : iterable of Tensor
-        The model's parameters, in ``model.parameters()`` order (the store's layout order).
+        The model's parameters, in ``model.parameters()`` order (the store's layout order). For a
+        basis of a stored trajectory their shapes are checked, in order, against its layout (the
+        first mismatching tensor is named): a reversed list or another model of the same size is
+        refused. One parameter group; ``add_param_group`` is refused.
     basis : Basis or DeviceBasis
         The subspace; a :class:`Basis` is placed on the parameters' device with ``mode="auto"``.
+    lr : float
+        Scales every step, so that torch's learning-rate schedulers work as they do for SGD: the
+        line search starts at ``alpha = lr`` (paper: 1, the default) and backtracks from there,
+        and P+-BFGS moves the residual by ``lr * residual_lr``. A scheduler that halves ``lr``
+        halves the first trial step and the residual step.
     c : float
         Armijo constant, in (0, 1) (paper: 0.4).
     beta : float
@@ -132,11 +140,12 @@ class PBFGS(torch.optim.Optimizer):
     step's RNG state, so dropout masks match the gradient's forward pass.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, c: float = 0.4, beta: float = 0.55,
+    def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, lr: float = 1.0, c: float = 0.4, beta: float = 0.55,
                  max_trials: int = 20, plus: bool = False, residual_lr: float = 0.01,
                  residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-10,
                  restore: str = "copy", buffers: Iterable[torch.Tensor] | None = None, process_group: Any = None,
                  check_ranks: bool = True) -> None:
+        _check("lr", lr, 0.0, float("inf"), "> 0")
         _check("c", c, 0.0, 1.0, "in (0, 1)")
         _check("beta", beta, 0.0, 1.0, "in (0, 1)")
         if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
@@ -149,13 +158,14 @@ class PBFGS(torch.optim.Optimizer):
         _check("eps", eps, 0.0, float("inf"), "> 0")
         if restore not in ("copy", "offset"):
             raise ValueError(f"restore must be 'copy' or 'offset', got {restore!r}")
-        defaults = {"restore": restore, "c": c, "beta": beta, "max_trials": max_trials, "plus": bool(plus), "residual_lr": residual_lr,
+        defaults = {"lr": float(lr), "restore": restore, "c": c, "beta": beta, "max_trials": max_trials, "plus": bool(plus), "residual_lr": residual_lr,
                     "residual_momentum": residual_momentum, "weight_decay": weight_decay, "eps": eps}
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("PBFGS takes one parameter group (the whole model, in layout order)")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
         self._basis = bind_basis(self._params, basis)
+        self._constructed = True
         self._buffers = list(buffers or ())
         if any(not isinstance(b, torch.Tensor) for b in self._buffers):
             raise TypeError("buffers must be tensors, e.g. model.buffers()")
@@ -163,12 +173,21 @@ class PBFGS(torch.optim.Optimizer):
         self._check_ranks = bool(check_ranks)
         self._replicated = not self._basis.holds_shard_only(self._params)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once constructed: the basis spans the one group's parameters, and a second
+        group would never move."""
+        if getattr(self, "_constructed", False):
+            raise ValueError("PBFGS optimizes one parameter group, the parameters its basis was made from; "
+                             "a second group would never move (make another optimizer for other parameters)")
+        super().add_param_group(param_group)
+
     @property
     def stats(self) -> dict[str, Any]:
-        """Steps, line-search trials per step, skipped BFGS updates, failed line searches."""
+        """Steps, line-search trials per step, the accepted step size ``alpha`` per step (0 for a
+        failed line search), skipped BFGS updates, failed line searches."""
         st = self._state()
-        return {"steps": st["n_steps"], "trials": list(st["trials"]), "skipped_updates": st["skipped"],
-                "failures": st["failures"]}
+        return {"steps": st["n_steps"], "trials": list(st["trials"]), "step_sizes": list(st["alphas"]),
+                "skipped_updates": st["skipped"], "failures": st["failures"]}
 
     def _state(self) -> dict[str, Any]:
         state = self.state[self._params[0]]
@@ -176,7 +195,8 @@ class PBFGS(torch.optim.Optimizer):
             p = self._params[0]
             d = self._basis.d
             state.update(B=torch.eye(d, dtype=p.dtype, device=p.device), prev_g=None, prev_s=None,
-                         n_steps=0, trials=[], skipped=0, failures=0)
+                         n_steps=0, trials=[], alphas=[], skipped=0, failures=0)
+        state.setdefault("alphas", [0.0] * state["n_steps"])  # a state_dict saved before step sizes were kept
         return state
 
     def _objective(self, loss: torch.Tensor) -> float:
@@ -204,9 +224,12 @@ class PBFGS(torch.optim.Optimizer):
             raise
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any]) -> float:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any]) -> torch.Tensor:  # type: ignore[override]
         """One P-BFGS step; ``closure`` zeroes the gradients, computes the loss, and calls
-        ``backward()`` only when ``torch.is_grad_enabled()``. Returns the loss before the step."""
+        ``backward()`` only when ``torch.is_grad_enabled()``. Returns the loss before the step
+        (the objective the line search used: under torch.distributed the mean over the ranks,
+        with the weight-decay term when there is one) as a 0-d float64 tensor, as
+        ``torch.optim.LBFGS`` returns a tensor."""
         if closure is None:
             raise ClosureError("PBFGS.step needs a closure (it re-evaluates the loss in its line search)")
         group, st = self.param_groups[0], self._state()
@@ -229,7 +252,7 @@ class PBFGS(torch.optim.Optimizer):
         # of step sizes along the d-dim direction (no copy; restores to rounding).
         origin = torch.nn.utils.parameters_to_vector(self._params) if group["restore"] == "copy" else None
         saved = [b.clone() for b in self._buffers]
-        alpha, applied, accepted, trials = 1.0, 0.0, False, 0
+        alpha, applied, accepted, trials = float(group["lr"]), 0.0, False, 0
         for trials in range(1, group["max_trials"] + 1):
             self._basis.lift(direction, out=self._params, alpha=alpha - applied)
             applied = alpha
@@ -250,6 +273,7 @@ class PBFGS(torch.optim.Optimizer):
         _set_rng_state(rng_after)
         st["n_steps"] += 1
         st["trials"].append(trials)
+        st["alphas"].append(alpha if accepted else 0.0)
         if accepted:
             st["prev_s"], st["prev_g"] = alpha * direction, g
         else:
@@ -258,10 +282,10 @@ class PBFGS(torch.optim.Optimizer):
             st["B"] = torch.eye(st["B"].shape[0], dtype=st["B"].dtype, device=st["B"].device)
         if group["plus"]:
             self._residual_step(grads, g, group)
-        return loss0
+        return torch.tensor(loss0, dtype=torch.float64)
 
     def _residual_step(self, grads: list[torch.Tensor], g: torch.Tensor, group: dict[str, Any]) -> None:
-        """SGD with momentum on ``g - P g~``: ``m = gamma m + (g - P g~)``, ``w -= lr m``."""
+        """SGD with momentum on ``g - P g~``: ``m = gamma m + (g - P g~)``, ``w -= lr residual_lr m``."""
         buffers = []
         for p, grad in zip(self._params, grads):
             state = self.state[p]
@@ -271,7 +295,7 @@ class PBFGS(torch.optim.Optimizer):
             buffers.append(state["residual_momentum"])
         self._basis.lift(g, out=buffers, alpha=-1.0)
         for p, m in zip(self._params, buffers):
-            p.add_(m, alpha=-group["residual_lr"])
+            p.add_(m, alpha=-group["lr"] * group["residual_lr"])
 
 
 def _restore(params: list[torch.Tensor], origin: torch.Tensor) -> None:

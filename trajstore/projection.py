@@ -337,12 +337,48 @@ class DeviceBasis:
 
 def bind_basis(params: Sequence[torch.Tensor], basis: Basis | DeviceBasis) -> DeviceBasis:
     """The basis an optimizer of ``params`` works with: a :class:`DeviceBasis` as given, or a
-    :class:`Basis` placed on the parameters' device and dtype (``mode="auto"``); its n must be the
-    parameters' total size."""
+    :class:`Basis` placed on the parameters' device and dtype (``mode="auto"``). Its n must be the
+    parameters' total size (or, sharded, this rank's rows), and for a basis of a stored trajectory
+    the parameters' shapes must be its layout's, in order (LayoutMismatchError naming the first
+    that differs: a reversed parameter list or another model of the same size)."""
     placed = basis if isinstance(basis, DeviceBasis) else basis.on(params[0].device, dtype=params[0].dtype)
     n = sum(p.numel() for p in params)
     if placed.n != n and not (placed.sharded and n == placed.hi - placed.lo):
         mine = f" (or this rank's {placed.hi - placed.lo} rows of it)" if placed.sharded else ""
         raise ValueError(f"the parameters hold {n} values, the basis has n = {placed.n}{mine}: "
                          "pass model.parameters() of the model the trajectory was recorded from")
+    if placed.n == n:
+        layout = _source_layout(placed.basis)
+        if layout is not None:
+            _check_shapes(params, layout)
     return placed
+
+
+def _source_layout(basis: Basis) -> object:
+    """The layout of the trajectory ``basis`` was made from, when it is still in the basis's store
+    and still the one it was made from (None otherwise: an in-memory basis is checked by n only)."""
+    origin, name = getattr(basis, "_origin", None), getattr(basis, "trajectory", None)
+    recorded = (basis.metadata.get("source") or {}).get("layout")
+    if origin is None or name is None or recorded is None:
+        return None
+    from .store import TrajectoryStore
+
+    try:
+        with TrajectoryStore.open(origin, "r", trajectory=name) as store:
+            layout = store.layout
+    except Exception:  # the trajectory is gone or unreadable: nothing to check against
+        return None
+    return layout if layout.fingerprint == recorded else None
+
+
+def _check_shapes(params: Sequence[torch.Tensor], layout: object) -> None:
+    from .errors import LayoutMismatchError
+
+    specs = layout.params  # type: ignore[attr-defined]
+    fix = "pass model.parameters() of the model the trajectory was recorded from, in that order"
+    if len(params) != len(specs):
+        raise LayoutMismatchError(f"{len(params)} parameter tensors given; the basis's trajectory has {len(specs)}: {fix}")
+    for k, (spec, p) in enumerate(zip(specs, params)):
+        if tuple(p.shape) != tuple(spec.shape):
+            raise LayoutMismatchError(f"parameter {k} has shape {tuple(p.shape)}; the basis's trajectory has "
+                                      f"{spec.name!r} of shape {tuple(spec.shape)} there: {fix}")

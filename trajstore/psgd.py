@@ -48,9 +48,17 @@ class PSGD(torch.optim.Optimizer):
             raise ValueError("PSGD takes one parameter group (the whole model, in layout order)")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
         self._basis = bind_basis(self._params, basis)
+        self._constructed = True
         self._group = group_of(process_group)
         self._check_ranks = bool(check_ranks)
         self._replicated = not self._basis.holds_shard_only(self._params)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once constructed: a second group would never move."""
+        if getattr(self, "_constructed", False):
+            raise ValueError("PSGD optimizes one parameter group, the parameters its basis was made from; "
+                             "a second group would never move (make another optimizer for other parameters)")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
