@@ -314,7 +314,7 @@ def evaluate(model: nn.Module, dataset: Dataset[Any], cfg: ExperimentConfig, dev
         loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         count += len(y)
-    loss, correct, count = ranks.all_sum([loss, correct, count], device)
+    loss, correct, count = ranks.all_sum([loss, correct, count])
     return loss / count, 100.0 * correct / count
 
 
@@ -420,7 +420,7 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
             if sampling and not cfg.snapshot_every:
                 _snapshot(recorder, state, epoch, opt)
             sched.step()
-            loss_sum, correct, count = ranks.all_sum([loss_sum, correct, count], setup.device)
+            loss_sum, correct, count = ranks.all_sum([loss_sum, correct, count])
             test_loss, test_acc = evaluate(model, setup.test, cfg, setup.device)
             recorder.flush()  # the checkpoint must not claim a snapshot that is not committed
             state["seconds"] += time.perf_counter() - started
@@ -556,7 +556,7 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
             loss = opt.step(closure)  # on several processes: the mean over the ranks, the batch's mean
             loss_sum += (loss.item() if isinstance(loss, torch.Tensor) else float(loss)) * rows
             count += rows
-        correct[0] = int(ranks.all_sum([correct[0]], setup.device)[0])
+        correct[0] = int(ranks.all_sum([correct[0]])[0])
         test_loss, test_acc = evaluate(model, setup.test, cfg, setup.device)
         state["seconds"] += time.perf_counter() - started
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / count, "train_acc": 100.0 * correct[0] / count,

@@ -51,14 +51,11 @@ def barrier() -> None:
         d.barrier()
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
+def all_sum(values: list[float]) -> list[float]:
     """``values`` summed over the ranks (float64; the values themselves on one process)."""
-    if world() == 1:
-        return list(values)
-    on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=on)
-    torch.distributed.all_reduce(t)
-    return [float(v) for v in t.tolist()]
+    from trajstore.distributed import group_of, sum_over_ranks
+
+    return [float(v) for v in sum_over_ranks(torch.tensor(values, dtype=torch.float64), group_of()).tolist()]
 
 
 def wrap(model: nn.Module) -> nn.Module:

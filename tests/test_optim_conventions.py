@@ -48,6 +48,19 @@ def basis_of(path: Path) -> Any:
     return open_basis(path, "b")
 
 
+def readme_closure(opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor,
+                   y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The README's closure for ``model`` on ``(x, y)``."""
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    return closure
+
+
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
     x = 2 * torch.randn(64, 4, generator=gen)
@@ -96,14 +109,7 @@ def test_every_scheduler_drives_the_first_trial_step(stored: Path, name: str, ma
         lrs.append(opt.param_groups[0]["lr"])
         assert lrs[-1] == pytest.approx(twin.param_groups[0]["lr"], rel=1e-12), name
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            if torch.is_grad_enabled():
-                loss.backward()
-            return loss
-
-        loss = opt.step(closure)
+        loss = opt.step(readme_closure(opt, model, x, y))
         twin.step()  # (no gradients: a no-op that keeps torch's call-order warning quiet)
         if name == "ReduceLROnPlateau":
             sched.step(float(loss))
@@ -129,14 +135,7 @@ def test_residual_step_is_scaled_by_lr(stored: Path) -> None:
         opt = PBFGS(model.parameters(), basis.on("cpu", dtype=torch.float64), plus=True, lr=lr, residual_lr=0.01)
         w0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x.double()), y)
-            if torch.is_grad_enabled():
-                loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(readme_closure(opt, model, x.double(), y))
         w1 = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
         moves[lr] = (w1 - w0) - u @ (u.T @ (w1 - w0))  # the part of the move outside span(U)
         # U is float32: U^T U - I is about basis.orthonormality, which leaves that fraction of the
@@ -156,17 +155,9 @@ def test_step_returns_a_tensor(stored: Path) -> None:
     model = net()
     opt = PBFGS(model.parameters(), basis_of(stored))
     x, y = data()
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
     with torch.no_grad():
         expected = float(nn.functional.cross_entropy(model(x), y))
-    loss = opt.step(closure)
+    loss = opt.step(readme_closure(opt, model, x, y))
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0
     assert float(loss) == pytest.approx(expected, rel=1e-6)  # the loss before the step
 
@@ -207,14 +198,7 @@ def test_state_dict_round_trips_step_sizes(stored: Path) -> None:
     opt = PBFGS(model.parameters(), basis_of(stored), lr=0.5)
     x, y = data()
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(readme_closure(opt, model, x, y))
     again = PBFGS(model.parameters(), basis_of(stored), lr=0.5)
     again.load_state_dict(opt.state_dict())
     assert again.stats == opt.stats and again.param_groups[0]["lr"] == 0.5

@@ -84,9 +84,7 @@ def mean_over_ranks(value: float, group: Any) -> float:
     for None). Every rank gets the same bits."""
     if group is None:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=comm_device(group))
-    torch.distributed.all_reduce(t, group=group)
-    return float(t[0]) / torch.distributed.get_world_size(group)
+    return float(sum_over_ranks(torch.tensor([value], dtype=torch.float64), group)[0]) / rank_and_world(group)[1]
 
 
 def sum_over_ranks(t: torch.Tensor, group: Any) -> torch.Tensor:

@@ -98,10 +98,7 @@ def spawn(argv: Sequence[str], nproc: int, *, env: Mapping[str, str] | None = No
     output goes to ``logs/rank-r.log`` instead of the parent's.
     """
     children = start(argv, nproc, env=env, cwd=cwd, logs=logs)
-    forwarded: list[int] = []
-
     def forward(signum: int, _frame: object) -> None:
-        forwarded.append(signum)
         for c in children:
             if c.poll() is None:
                 c.send_signal(signum)

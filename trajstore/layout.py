@@ -192,6 +192,19 @@ class Layout:
         _compare("buffer", [(s.name, s.shape, s.dtype) for s in self.buffers], buffers)
         return [p for _, p in params], [b for _, b in buffers]
 
+    def check_param_shapes(self, params: Sequence[torch.Tensor]) -> None:
+        """Check parameter tensors given in layout order by count and shape only (an optimizer's
+        parameters may be of another float dtype than recorded); LayoutMismatchError names the
+        first that differs."""
+        fix = "pass model.parameters() of the model the trajectory was recorded from, in that order"
+        if len(params) != len(self.params):
+            raise LayoutMismatchError(f"{len(params)} parameter tensors given; the basis's trajectory has "
+                                      f"{len(self.params)}: {fix}")
+        for k, (spec, p) in enumerate(zip(self.params, params)):
+            if tuple(p.shape) != tuple(spec.shape):
+                raise LayoutMismatchError(f"parameter {k} has shape {tuple(p.shape)}; the basis's trajectory has "
+                                          f"{spec.name!r} of shape {tuple(spec.shape)} there: {fix}")
+
     def check_tensors(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = ()) -> None:
         """Check tensors given in layout order (no names: they are the layout's) for count,
         shape and, for buffers, dtype; raises LayoutMismatchError naming the first difference."""

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .distributed import check_step, group_of, rank_and_world, sum_over_ranks
+from .distributed import check_step, rank_and_world, sum_over_ranks
 from .errors import TrajstoreError
-from .projection import bind_basis
+from .projection import SubspaceOptimizer
 
 __all__ = ["ClosureError", "PBFGS", "armijo_accepts", "bfgs_update"]
 
@@ -71,7 +71,7 @@ def _set_rng_state(state: tuple[torch.Tensor, dict[int, torch.Tensor]]) -> None:
         torch.cuda.set_rng_state(s, index)
 
 
-class PBFGS(torch.optim.Optimizer):
+class PBFGS(SubspaceOptimizer):
     """BFGS in the subspace spanned by a DLDR basis (P-BFGS; P+-BFGS with ``plus=True``).
 
     Parameters
@@ -161,25 +161,10 @@ class PBFGS(torch.optim.Optimizer):
         defaults = {"lr": float(lr), "restore": restore, "c": c, "beta": beta, "max_trials": max_trials, "plus": bool(plus), "residual_lr": residual_lr,
                     "residual_momentum": residual_momentum, "weight_decay": weight_decay, "eps": eps}
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError("PBFGS takes one parameter group (the whole model, in layout order)")
-        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
-        self._basis = bind_basis(self._params, basis)
-        self._constructed = True
+        self._bind(basis, process_group, check_ranks)
         self._buffers = list(buffers or ())
         if any(not isinstance(b, torch.Tensor) for b in self._buffers):
             raise TypeError("buffers must be tensors, e.g. model.buffers()")
-        self._group = group_of(process_group)
-        self._check_ranks = bool(check_ranks)
-        self._replicated = not self._basis.holds_shard_only(self._params)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Refused once constructed: the basis spans the one group's parameters, and a second
-        group would never move."""
-        if getattr(self, "_constructed", False):
-            raise ValueError("PBFGS optimizes one parameter group, the parameters its basis was made from; "
-                             "a second group would never move (make another optimizer for other parameters)")
-        super().add_param_group(param_group)
 
     @property
     def stats(self) -> dict[str, Any]:

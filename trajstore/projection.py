@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from . import _backend
-from .distributed import comm_device, group_of, rank_and_world, shard_bounds
+from .distributed import comm_device, group_of, rank_and_world, shard_bounds, sum_over_ranks
 
 if TYPE_CHECKING:
     from .basis import Basis
 
-__all__ = ["DeviceBasis", "MODES", "bind_basis"]
+__all__ = ["DeviceBasis", "MODES", "SubspaceOptimizer", "bind_basis"]
 
 MODES = ("auto", "resident", "mmap", "stream")
 RESIDENT_STEP_ROWS = 1 << 22
@@ -263,12 +263,7 @@ class DeviceBasis:
                     g[pos:pos + hi - lo].copy_(flat[lo:hi])
                     pos += hi - lo
             out += self.chunk(a, b).T @ g
-        if self._group is not None:
-            device = comm_device(self._group)
-            summed = out.to(device)
-            torch.distributed.all_reduce(summed, group=self._group)
-            out = summed.to(self.device)
-        return out
+        return sum_over_ranks(out, self._group)
 
     @torch.no_grad()
     def lift(self, coords: torch.Tensor, out: Sequence[torch.Tensor] | None = None, *, alpha: float = 1.0) -> torch.Tensor | None:
@@ -335,6 +330,32 @@ class DeviceBasis:
             a = e
 
 
+class SubspaceOptimizer(torch.optim.Optimizer):
+    """What :class:`~trajstore.PBFGS` and :class:`~trajstore.PSGD` share: one parameter group
+    bound to a basis (:func:`bind_basis`), refusing a second group, and the process group they
+    work in (see :mod:`trajstore.distributed`)."""
+
+    def _bind(self, basis: Basis | DeviceBasis, process_group: object, check_ranks: bool) -> None:
+        from .distributed import group_of
+
+        if len(self.param_groups) != 1:
+            raise ValueError(f"{type(self).__name__} takes one parameter group (the whole model, in layout order)")
+        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
+        self._basis = bind_basis(self._params, basis)
+        self._group = group_of(process_group)
+        self._check_ranks = bool(check_ranks)
+        self._replicated = not self._basis.holds_shard_only(self._params)
+        self._constructed = True
+
+    def add_param_group(self, param_group: dict[str, object]) -> None:
+        """Refused once constructed: the basis spans the one group's parameters, and a second
+        group would never move."""
+        if getattr(self, "_constructed", False):
+            raise ValueError(f"{type(self).__name__} optimizes one parameter group, the parameters its basis was made "
+                             "from; a second group would never move (make another optimizer for other parameters)")
+        super().add_param_group(param_group)  # type: ignore[arg-type]
+
+
 def bind_basis(params: Sequence[torch.Tensor], basis: Basis | DeviceBasis) -> DeviceBasis:
     """The basis an optimizer of ``params`` works with: a :class:`DeviceBasis` as given, or a
     :class:`Basis` placed on the parameters' device and dtype (``mode="auto"``). Its n must be the
@@ -350,7 +371,7 @@ def bind_basis(params: Sequence[torch.Tensor], basis: Basis | DeviceBasis) -> De
     if placed.n == n:
         layout = _source_layout(placed.basis)
         if layout is not None:
-            _check_shapes(params, layout)
+            layout.check_param_shapes(params)  # type: ignore[attr-defined]
     return placed
 
 
@@ -370,15 +391,3 @@ def _source_layout(basis: Basis) -> object:
         return None
     return layout if layout.fingerprint == recorded else None
 
-
-def _check_shapes(params: Sequence[torch.Tensor], layout: object) -> None:
-    from .errors import LayoutMismatchError
-
-    specs = layout.params  # type: ignore[attr-defined]
-    fix = "pass model.parameters() of the model the trajectory was recorded from, in that order"
-    if len(params) != len(specs):
-        raise LayoutMismatchError(f"{len(params)} parameter tensors given; the basis's trajectory has {len(specs)}: {fix}")
-    for k, (spec, p) in enumerate(zip(specs, params)):
-        if tuple(p.shape) != tuple(spec.shape):
-            raise LayoutMismatchError(f"parameter {k} has shape {tuple(p.shape)}; the basis's trajectory has "
-                                      f"{spec.name!r} of shape {tuple(spec.shape)} there: {fix}")

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from .distributed import check_step, group_of, mean_over_ranks
-from .projection import bind_basis
+from .distributed import check_step, mean_over_ranks
+from .projection import SubspaceOptimizer
 
 __all__ = ["PSGD"]
 
 
-class PSGD(torch.optim.Optimizer):
+class PSGD(SubspaceOptimizer):
     """SGD with momentum restricted to the span of a basis.
 
     Parameters
@@ -44,21 +44,7 @@ class PSGD(torch.optim.Optimizer):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         super().__init__(params, {"lr": lr, "momentum": momentum})
-        if len(self.param_groups) != 1:
-            raise ValueError("PSGD takes one parameter group (the whole model, in layout order)")
-        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
-        self._basis = bind_basis(self._params, basis)
-        self._constructed = True
-        self._group = group_of(process_group)
-        self._check_ranks = bool(check_ranks)
-        self._replicated = not self._basis.holds_shard_only(self._params)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Refused once constructed: a second group would never move."""
-        if getattr(self, "_constructed", False):
-            raise ValueError("PSGD optimizes one parameter group, the parameters its basis was made from; "
-                             "a second group would never move (make another optimizer for other parameters)")
-        super().add_param_group(param_group)
+        self._bind(basis, process_group, check_ranks)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -32,11 +32,13 @@ import torch
 
 from . import _backend
 from ._backend import StoreLike
+from ._dtypes import storage_dtype
 from ._records import make_record
 from ._write import RowWriter
 from .distributed import comm_device, group_of, rank_and_world, shard_bounds
 from .errors import TrajstoreError
 from .layout import unwrap_model
+from .recorder import _existing
 from .store import DEFAULT_TRAJECTORY, TrajectoryStore
 
 __all__ = ["ShardedRecorder", "ShardedWriteError"]
@@ -105,15 +107,16 @@ class ShardedRecorder:
         reader = self.store or TrajectoryStore.open(store, "r", trajectory=trajectory,
                                                     storage_options=options.get("storage_options"))
         self._layout = reader.layout
-        reader.layout.check_model(self._model)
+        self._params, self._buffers = reader.layout.check_model(self._model)
         self._chunk = reader.chunk_elems
         self.bounds = shard_bounds(reader.n, self.world, self.rank, align=self._chunk)
         if self.store is not None:
             self._writer = self.store._writer
         else:
             zstore = _backend.open_zarr_store(store, read_only=False, storage_options=options.get("storage_options"))
-            self._writer = RowWriter(zstore, reader.prefix, reader.layout, reader._static.dtype, self._chunk,
-                                     options.get("durable", True))
+            self._writer = RowWriter(zstore, reader.prefix, reader.layout, storage_dtype(reader.storage_dtype),
+                                     self._chunk, options.get("durable", True))
+            reader.close()
         self._count = self._broadcast_ints([len(self.store) if self.store is not None else 0])[0]
         if initial and self._count == 0:
             self.snapshot(step=0, epoch=0)
@@ -179,7 +182,7 @@ class ShardedRecorder:
         """This rank's range of the model's flat parameter vector, as views of its parameters."""
         lo, hi = self.bounds
         pieces = []
-        for spec, p in zip(self._layout.params, self._layout.check_model(self._model)[0]):
+        for spec, p in zip(self._layout.params, self._params):
             a, b = max(lo, spec.offset), min(hi, spec.stop)
             if b > a:
                 pieces.append(p.detach().reshape(-1)[a - spec.offset:b - spec.offset])
@@ -219,8 +222,7 @@ class ShardedRecorder:
             with torch.no_grad():
                 crcs = self._writer.write_range(row, lo, pieces)
                 if self.store is not None:
-                    buffers = self._layout.check_model(self._model)[1]
-                    buffers_crc = self._writer.write_buffers(row, buffers)
+                    buffers_crc = self._writer.write_buffers(row, self._buffers)
                 if self.store is None:
                     self._writer.sync_row(row, buffers=False)  # rank 0 writes and syncs those
         except BaseException as e:
@@ -261,11 +263,3 @@ class ShardedRecorder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _existing(store: StoreLike, options: Mapping[str, Any]) -> list[str]:
-    from .errors import NotAStoreError
-
-    try:
-        return TrajectoryStore.list_trajectories(store, storage_options=options.get("storage_options"))
-    except NotAStoreError:
-        return []
