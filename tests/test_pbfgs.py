@@ -365,7 +365,7 @@ def test_rejected_trials_leave_no_trace_in_batchnorm_statistics(monkeypatch: pyt
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     start = copy.deepcopy(model.state_dict())
     verdicts = iter([False, False, False, True])  # three rejected trials, then an accepted one
-    monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a: next(verdicts))
+    monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a, **k: next(verdicts))
     opt = PBFGS(model.parameters(), basis, buffers=model.buffers())
     opt.step(classification_closure(model, x, y))
     assert opt.stats["trials"] == [4]
@@ -384,13 +384,15 @@ def test_rejected_trials_leave_no_trace_in_batchnorm_statistics(monkeypatch: pyt
 
 
 def test_without_buffers_the_trials_pass_into_the_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The official code's behaviour, kept as the default: every trial's pass updates them.
+    # The default (what a plain forward pass does): every trial's pass updates them, 1 + trials
+    # updates per step. (The official code reloads the whole state_dict after every trial: one
+    # update per step; see test_official_step.py.)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     basis = dldr(np.random.default_rng(0).standard_normal((6, sum(p.numel() for p in model.parameters()))), 4)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     verdicts = iter([False, False, True])
-    monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a: next(verdicts))
+    monkeypatch.setattr(pbfgs_module, "armijo_accepts", lambda *a, **k: next(verdicts))
     opt = PBFGS(model.parameters(), basis)
     opt.step(classification_closure(model, x, y))
     assert int(model[1].num_batches_tracked) == 4

@@ -6,7 +6,8 @@ backtracking (eq. 14) on the same mini-batch from ``alpha = 1``. P+-BFGS also mo
 ``g - P g~`` by SGD with momentum.
 
 The numerics (:func:`bfgs_update`, :func:`armijo_accepts`) are pure functions on tensors; the
-optimizer does the parameter plumbing, like ``torch.optim.LBFGS``.
+optimizer does the parameter plumbing, like ``torch.optim.LBFGS``. ``official=True`` takes the step
+of the official code (nblt/DLDR ``train_pbfgs.py``) instead of the paper's, where they differ.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from .errors import TrajstoreError
 from .projection import SubspaceOptimizer
 
 __all__ = ["ClosureError", "PBFGS", "armijo_accepts", "bfgs_update"]
+
+PAPER_BETA, OFFICIAL_BETA = 0.55, 0.4  # the paper's backtracking factor; train_pbfgs.py overwrites it
+PAPER_EPS, OFFICIAL_EPS = 1e-10, 1e-20
 
 _CLOSURE_FIX = (
     "a line-search trial calls the closure under torch.no_grad(); make the closure call backward()\n"
@@ -55,9 +59,11 @@ def bfgs_update(b: torch.Tensor, s: torch.Tensor, y: torch.Tensor, eps: float) -
     return b, True
 
 
-def armijo_accepts(loss0: float, trial: float, alpha: float, slope: float, c: float) -> bool:
-    """Armijo's sufficient decrease, paper eq. (14): ``f(x + alpha p) <= f(x) + c alpha g~^T p``."""
-    return trial <= loss0 + c * alpha * slope
+def armijo_accepts(loss0: float, trial: float, alpha: float, slope: float, c: float, *, strict: bool = False) -> bool:
+    """Armijo's sufficient decrease, paper eq. (14): ``f(x + alpha p) <= f(x) + c alpha g~^T p``
+    (``<`` with ``strict``, as the official code tests it)."""
+    bound = loss0 + c * alpha * slope
+    return trial < bound if strict else trial <= bound
 
 
 def _rng_state(devices: set[torch.device]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -90,14 +96,16 @@ class PBFGS(SubspaceOptimizer):
         halves the first trial step and the residual step.
     c : float
         Armijo constant, in (0, 1) (paper: 0.4).
-    beta : float
-        Backtracking factor, in (0, 1) (paper: 0.55).
+    beta : float, optional
+        Backtracking factor, in (0, 1). Default: the paper's 0.55 (the official code's 0.4 with
+        ``official=True``).
     max_trials : int
-        Line-search trials per step, >= 1; a step whose trials all fail is not taken, is
-        counted in ``stats["failures"]``, and resets B to the identity: a curvature pair from
-        two noisy mini-batches can make B so large that no trial passes, and since a step not
-        taken gives no new pair, B would otherwise never recover (the next step is steepest
-        descent, as the first one is).
+        Line-search trials per step, >= 1; a step whose trials all fail is counted in
+        ``stats["failures"]``. It is not taken, and B is reset to the identity: a curvature
+        pair from two noisy mini-batches can make B so large that no trial passes, and since a
+        step not taken gives no new pair, B would otherwise never recover (the next step is
+        steepest descent, as the first one is). With ``official=True``, as in the official
+        code, the step of the next, untested size ``lr * beta**max_trials`` is taken and B kept.
     plus : bool
         Also move the residual gradient by SGD with momentum (P+-BFGS).
     residual_lr, residual_momentum : float
@@ -105,8 +113,9 @@ class PBFGS(SubspaceOptimizer):
     weight_decay : float
         L2 coefficient (>= 0; off by default, as in the paper): ``weight_decay / 2 * |w|^2`` is
         added to the objective, so to the gradient and to every line-search loss.
-    eps : float
-        Curvature threshold of the BFGS update (> 0).
+    eps : float, optional
+        Curvature threshold of the BFGS update (> 0). Default 1e-10 (the official code's 1e-20
+        with ``official=True``).
     restore : {"copy", "offset"}
         How parameters return to the step's origin between line-search trials: ``"copy"`` keeps
         one flat copy of the parameters and restores them exactly; ``"offset"`` moves by the
@@ -116,9 +125,17 @@ class PBFGS(SubspaceOptimizer):
         Buffers that forward passes update, typically ``model.buffers()`` (BatchNorm running
         statistics). A rejected line-search trial's forward pass at a far-off point would leave
         its activations in them (10% per pass with BatchNorm's default momentum); given here,
-        they are put back after every rejected trial, so a step updates them as an SGD step
-        does: once at the step's origin and once at the accepted point. Default: not restored
-        (the official code's behaviour).
+        they are put back after every rejected trial, so a step updates them twice: once at the
+        step's origin and once at the accepted point (with ``official=True``: put back after
+        every trial, the accepted one too, so they are updated once per step, at the origin, as
+        the official code's reload of the whole state_dict after each trial does). Default: not
+        restored, so every trial's pass updates them (1 + trials updates per step).
+    official : bool
+        Take the official code's step (nblt/DLDR ``train_pbfgs.py``) where it differs from the
+        paper's: ``beta`` 0.4 and ``eps`` 1e-20 by default, Armijo's test strict (``<``), the
+        failure rule above, ``buffers`` put back after every trial, and the trials run on the
+        RNG as it goes (no replay of the gradient pass's dropout masks). The paper's step is the
+        default.
     process_group : ProcessGroup, optional
         Under torch.distributed (the default group when one is initialized): every loss the
         line search decides on is the mean over the ranks (one scalar all-reduce per closure
@@ -140,11 +157,15 @@ class PBFGS(SubspaceOptimizer):
     step's RNG state, so dropout masks match the gradient's forward pass.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, lr: float = 1.0, c: float = 0.4, beta: float = 0.55,
-                 max_trials: int = 20, plus: bool = False, residual_lr: float = 0.01,
-                 residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-10,
+    def __init__(self, params: Iterable[torch.Tensor], basis: Any, *, lr: float = 1.0, c: float = 0.4,
+                 beta: float | None = None, max_trials: int = 20, plus: bool = False, residual_lr: float = 0.01,
+                 residual_momentum: float = 0.9, weight_decay: float = 0.0, eps: float | None = None,
                  restore: str = "copy", buffers: Iterable[torch.Tensor] | None = None, process_group: Any = None,
-                 check_ranks: bool = True) -> None:
+                 check_ranks: bool = True, official: bool = False) -> None:
+        if not isinstance(official, bool):
+            raise TypeError(f"official must be True or False, got {official!r}")
+        beta = (OFFICIAL_BETA if official else PAPER_BETA) if beta is None else beta
+        eps = (OFFICIAL_EPS if official else PAPER_EPS) if eps is None else eps
         _check("lr", lr, 0.0, float("inf"), "> 0")
         _check("c", c, 0.0, 1.0, "in (0, 1)")
         _check("beta", beta, 0.0, 1.0, "in (0, 1)")
@@ -159,7 +180,8 @@ class PBFGS(SubspaceOptimizer):
         if restore not in ("copy", "offset"):
             raise ValueError(f"restore must be 'copy' or 'offset', got {restore!r}")
         defaults = {"lr": float(lr), "restore": restore, "c": c, "beta": beta, "max_trials": max_trials, "plus": bool(plus), "residual_lr": residual_lr,
-                    "residual_momentum": residual_momentum, "weight_decay": weight_decay, "eps": eps}
+                    "residual_momentum": residual_momentum, "weight_decay": weight_decay, "eps": eps,
+                    "official": official}
         super().__init__(params, defaults)
         self._bind(basis, process_group, check_ranks)
         self._buffers = list(buffers or ())
@@ -218,10 +240,11 @@ class PBFGS(SubspaceOptimizer):
         if closure is None:
             raise ClosureError("PBFGS.step needs a closure (it re-evaluates the loss in its line search)")
         group, st = self.param_groups[0], self._state()
+        official = group.get("official", False)
         devices = {p.device for p in self._params}
-        rng_before = _rng_state(devices)
+        rng_before = _rng_state(devices) if not official else None
         loss0 = self._call(closure, grad=True)
-        rng_after = _rng_state(devices)
+        rng_after = _rng_state(devices) if not official else None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         if group["weight_decay"]:
             grads = [g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, self._params)]
@@ -233,6 +256,28 @@ class PBFGS(SubspaceOptimizer):
             st["skipped"] += int(not updated)
         direction = -(st["B"] @ g)
         slope = float(torch.dot(g, direction))
+        alpha, accepted, trials = self._line_search(closure, direction, loss0, slope, rng_before, group)
+        if rng_after is not None:
+            _set_rng_state(rng_after)
+        st["n_steps"] += 1
+        st["trials"].append(trials)
+        st["alphas"].append(alpha if accepted or official else 0.0)
+        st["failures"] += int(not accepted)
+        if accepted or official:  # the official code keeps B and the (untested) step taken
+            st["prev_s"], st["prev_g"] = alpha * direction, g
+        else:
+            st["prev_s"], st["prev_g"] = None, None  # no step taken: no curvature pair either
+            st["B"] = torch.eye(st["B"].shape[0], dtype=st["B"].dtype, device=st["B"].device)
+        if group["plus"]:
+            self._residual_step(grads, g, group)
+        return torch.tensor(loss0, dtype=torch.float64)
+
+    def _line_search(self, closure: Callable[[], Any], direction: torch.Tensor, loss0: float, slope: float,
+                     rng: Any, group: dict[str, Any]) -> tuple[float, bool, int]:
+        """Backtrack from ``alpha = lr``; returns (alpha, accepted, trials) with the parameters at
+        the step taken: the accepted trial's, or, when every trial fails, the origin (the
+        official rule: the next, untested alpha)."""
+        official = group.get("official", False)
         # "copy": one flat copy restores the parameters exactly; "offset": move by the difference
         # of step sizes along the d-dim direction (no copy; restores to rounding).
         origin = torch.nn.utils.parameters_to_vector(self._params) if group["restore"] == "copy" else None
@@ -241,33 +286,24 @@ class PBFGS(SubspaceOptimizer):
         for trials in range(1, group["max_trials"] + 1):
             self._basis.lift(direction, out=self._params, alpha=alpha - applied)
             applied = alpha
-            _set_rng_state(rng_before)
+            if rng is not None:
+                _set_rng_state(rng)
             trial = self._call(closure, grad=False)
-            if armijo_accepts(loss0, trial, alpha, slope, group["c"]):
-                accepted = True
+            accepted = armijo_accepts(loss0, trial, alpha, slope, group["c"], strict=official)
+            if official or not accepted:  # official: the whole state_dict is reloaded after every trial
+                for b, value in zip(self._buffers, saved):
+                    b.copy_(value)
+            if accepted:
                 break
-            for b, value in zip(self._buffers, saved):
-                b.copy_(value)
             if origin is not None:
                 _restore(self._params, origin)
                 applied = 0.0
             alpha *= group["beta"]
-        if not accepted and applied:
-            self._basis.lift(direction, out=self._params, alpha=-applied)
-        del origin, saved
-        _set_rng_state(rng_after)
-        st["n_steps"] += 1
-        st["trials"].append(trials)
-        st["alphas"].append(alpha if accepted else 0.0)
-        if accepted:
-            st["prev_s"], st["prev_g"] = alpha * direction, g
-        else:
-            st["failures"] += 1
-            st["prev_s"], st["prev_g"] = None, None  # no step taken: no curvature pair either
-            st["B"] = torch.eye(st["B"].shape[0], dtype=st["B"].dtype, device=st["B"].device)
-        if group["plus"]:
-            self._residual_step(grads, g, group)
-        return torch.tensor(loss0, dtype=torch.float64)
+        if not accepted:
+            target = alpha if official else 0.0
+            if applied != target:
+                self._basis.lift(direction, out=self._params, alpha=target - applied)
+        return alpha, accepted, trials
 
     def _residual_step(self, grads: list[torch.Tensor], g: torch.Tensor, group: dict[str, Any]) -> None:
         """SGD with momentum on ``g - P g~``: ``m = gamma m + (g - P g~)``, ``w -= lr residual_lr m``."""
