@@ -505,11 +505,13 @@ def _subspace_optimizer(cfg: ExperimentConfig, method: str, model: nn.Module, ba
 
 def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, basis: trajstore.Basis,
                    setup: _Setup | None = None, *, epochs: int | None = None, batch_size: int | None = None,
-                   tag: str | None = None, store: Path | str | None = None) -> dict[str, Any]:
+                   tag: str | None = None, store: Path | str | None = None,
+                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train from the window's first snapshot (parameters and buffers: the SGD run's
     initialization) with ``method`` in the basis' subspace. Writes ``folder/TAG.json`` (the
     record) and ``folder/TAG.pt`` (the trained model's state_dict); resumes from
-    ``folder/TAG.ckpt.pt``. The trajectory is ``store`` (default ``folder/trajectory.zarr``)."""
+    ``folder/TAG.ckpt.pt``. The trajectory is ``store`` (default ``folder/trajectory.zarr``), a
+    URL opened with ``storage_options`` (as for :meth:`trajstore.TrajectoryStore.open`)."""
     tag = tag or method
     epochs = cfg.subspace_epochs if epochs is None else epochs
     batch_size = batch_size or cfg.subspace_batch_size
@@ -521,7 +523,8 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
     ranks.check_split(setup.train, batch_size, "subspace_batch_size")
     model = setup.model()
     folder.mkdir(parents=True, exist_ok=True)
-    with TrajectoryStore.open(store or folder / STORE, trajectory=basis.trajectory) as trajectory:
+    with TrajectoryStore.open(store or folder / STORE, trajectory=basis.trajectory,
+                              storage_options=storage_options) as trajectory:
         trajectory.load_into(model, basis.start)
     on_device = basis.on(setup.device, mode=cfg.basis_mode, shard=cfg.shard_basis)
     opt = _subspace_optimizer(cfg, method, model, on_device)

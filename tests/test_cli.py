@@ -73,3 +73,48 @@ def test_run_with_overrides_writes_the_summary(tmp_path: Path) -> None:
     sgd = result["summary"]["sgd"]
     assert f"| SGD | 2 | {sgd['test_acc_mean']:.2f} ± {sgd['test_acc_std']:.2f} | 2 |" in text
     assert "| P+-BFGS, d = 3 | 1 (+1 sampled) |" in text
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["anon=false"], {"anon": False}),  # JSON when it parses
+    (["anon=True", "token=None"], {"anon": True, "token": None}),  # Python's spelling too
+    (["profile=my-profile", "retries=3"], {"profile": "my-profile", "retries": 3}),  # else text
+    (["client_kwargs.endpoint_url=http://127.0.0.1:5000"], {"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000"}}),
+    (['client_kwargs={"endpoint_url": "http://127.0.0.1:5000"}', "client_kwargs.region_name=eu-west-1"],
+     {"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000", "region_name": "eu-west-1"}}),  # merged
+    (["config_kwargs.retries.max_attempts=1", "config_kwargs.connect_timeout=1"],
+     {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}),
+    (["url=http://h/?a=b"], {"url": "http://h/?a=b"}),  # the first '=' splits
+])
+@pytest.mark.parametrize("command", ["info", "verify", "basis", "train"])
+def test_storage_options_parse_into_one_dict(command: str, flags: list[str], expected: dict[str, object]) -> None:
+    from trajstore.cli import build_parser
+
+    args = build_parser().parse_args([command, "s3://b/t.zarr", *(x for f in flags for x in ("--storage-option", f))])
+    assert args.storage_options == expected
+    assert build_parser().parse_args([command, "t.zarr"]).storage_options is None  # none given: none passed
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("anon", "takes KEY=VALUE"), ("=1", "takes KEY=VALUE"), ("a..b=1", "takes KEY=VALUE"),
+    ("client_kwargs=3 client_kwargs.endpoint_url=x", "client_kwargs is 3, not a dict"),
+    ("anon=true anon=false", "anon is given twice"),
+])
+def test_bad_storage_options_are_usage_errors(flag: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["verify", "s3://b/t.zarr", *(x for f in flag.split(" ") for x in ("--storage-option", f))]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2  # argparse's usage error
+    assert message in capsys.readouterr().err
+
+
+def test_nproc_children_get_the_storage_options() -> None:
+    from trajstore.cli import _without_nproc, build_parser
+
+    argv = ["train", "s3://b/t.zarr", "--nproc", "2", "--storage-option", "client_kwargs.endpoint_url=http://h:1",
+            "--nproc=2", "--storage-option", 'config_kwargs={"connect_timeout": 1}']
+    child = _without_nproc(argv)  # what each rank is started with
+    assert "--nproc" not in " ".join(child)
+    parsed = build_parser().parse_args(child)
+    assert parsed.storage_options == {"client_kwargs": {"endpoint_url": "http://h:1"},
+                                      "config_kwargs": {"connect_timeout": 1}}

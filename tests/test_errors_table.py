@@ -20,8 +20,9 @@ import torch
 import trajstore
 from conftest import mlp
 from trajstore import TrajectoryStore
+from trajstore.cli import main
 from trajstore.errors import (CorruptSnapshotError, InvalidStoreError, LayoutMismatchError, NotAStoreError,
-                              ReadOnlyError, StoreExistsError, TrajectoryNotFoundError)
+                              ReadOnlyError, StoreExistsError, StoreUnreachableError, TrajectoryNotFoundError)
 
 CHUNK_BYTES = 16 * 4
 
@@ -124,6 +125,25 @@ def _hostile_basis_name(tmp: Path) -> Callable[[], Any]:
     return lambda: trajstore.dldr(str(tmp / "s.zarr"), 2, name="zarr/../../elsewhere/x")
 
 
+def _closed_port_url() -> str:
+    """An http:// store URL on a port of 127.0.0.1 where nothing listens (connection refused)."""
+    pytest.importorskip("aiohttp", reason="fsspec's http:// file system needs aiohttp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/s.zarr"
+
+
+def _unreachable(tmp: Path) -> Callable[[], Any]:
+    url = _closed_port_url()
+    return lambda: TrajectoryStore.open(url)
+
+
+def _options_with_an_open_store(tmp: Path) -> Callable[[], Any]:
+    store = TrajectoryStore.open(_store(tmp))
+    return lambda: trajstore.dldr(store, 2, storage_options={"anon": True})
+
+
 CASES: list[tuple[str, Callable[..., Callable[[], Any]], type[Exception], str]] = [
     ("fifo-chunk", _fifo_chunk, CorruptSnapshotError, r"snapshot 1 .* chunk 0 .*FIFO"),
     ("socket-chunk", _socket_chunk, CorruptSnapshotError, r"snapshot 2 .* chunk 1 .*socket"),
@@ -141,6 +161,10 @@ CASES: list[tuple[str, Callable[..., Callable[[], Any]], type[Exception], str]] 
     ("create-over-foreign-file", _foreign_folder, StoreExistsError, r"not a trajstore store"),
     ("create-twice", _create_twice, StoreExistsError, r"already holds a trajectory named 'default'"),
     ("not-a-store", _not_a_store, NotAStoreError, r"not a trajstore store"),
+    ("connection-refused", _unreachable, StoreUnreachableError,
+     r"store http://127\.0\.0\.1:\d+/s\.zarr is unreachable: ClientConnectorError"),
+    ("storage-options-with-an-open-store", _options_with_an_open_store, ValueError,
+     r"storage_options apply to a store given by URL or path, not to a TrajectoryStore"),
 ]
 
 
@@ -153,3 +177,17 @@ def test_each_case_raises_its_documented_error(build: Callable[..., Callable[[],
     assert type(info.value).__module__ in ("trajstore.errors", "builtins")  # never a raw Zarr/OS/torch error
     if type(info.value).__module__ == "builtins":
         assert type(info.value) in (ValueError, TypeError)  # bad arguments, named in the message
+
+
+@pytest.mark.parametrize("command", [["info"], ["verify"], ["verify", "--json"], ["basis", "--dim", "2"],
+                                     ["train", "--out", "OUT"]])
+def test_the_cli_exits_2_on_an_unreachable_store(command: list[str], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    url = _closed_port_url()
+    argv = [command[0], url, *(str(tmp_path) if a == "OUT" else a for a in command[1:])]
+    assert main(argv) == 2  # a usage-or-environment error, as every TrajstoreError; not verify's 1 (damage)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and err.startswith("trajstore: error: store ") and url in err  # one line, the URL
+    assert "is unreachable: ClientConnectorError" in err  # and the cause
+    assert "ERROR" not in captured.out  # no damage reported

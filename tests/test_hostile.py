@@ -866,7 +866,10 @@ REFUSED = [
     ("buffers-fill-out-of-range", BUFFERS_JSON, _at("fill_value", -50), _open_read, InvalidStoreError,
      r"buffers/zarr.json: malformed Zarr metadata \(OverflowError"),
     ("buffers-one-dimensional", BUFFERS_JSON, lambda d: _at("chunk_grid.configuration.chunk_shape", [1])(
-        _at("shape", [4])(d)), _open_read, InvalidStoreError, r"buffers array \(4,\) uint8 does not match the layout"),
+        _at("shape", [4])(_at("dimension_names", ["row"])(d))), _open_read, InvalidStoreError,
+     r"buffers array \(4,\) uint8 does not match the layout"),  # a consistent 1-d array: trajstore refuses it
+    ("buffers-dimension-names-too-few", BUFFERS_JSON, _at("dimension_names", ["row"]), _open_read, InvalidStoreError,
+     r"buffers/zarr.json: malformed Zarr metadata \(ValueError: `dimension_names` and `shape` need"),
     ("basis-gram-2**31-square", f"{VERSION}/gram/zarr.json", lambda d: _at("chunk_grid.configuration.chunk_shape",
      [2**31, 2**31])(_at("shape", [2**31, 2**31])(d)), _basis_open, InvalidStoreError,
      r"arrays \(80, 2\), \(80,\), \(2147483648, 2147483648\) do not match n, d, t"),

@@ -3,7 +3,6 @@ raised where the training loop sees them, and a reopened trajectory that goes on
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from pathlib import Path

@@ -30,6 +30,7 @@ from zarr.core.common import concurrent_map
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from ._remote import RemoteFsspecStore
 from .errors import CorruptSnapshotError, InvalidStoreError, TrajstoreError
 
 __all__ = ["MAX_JSON_BYTES", "RegularFileStore", "StoreLike", "sync", "local_root", "open_regular", "open_zarr_store",
@@ -53,7 +54,10 @@ def open_zarr_store(url: StoreLike, *, read_only: bool, storage_options: dict[st
     """A Zarr store for a path, a URL, or an existing Store (re-opened with the requested mode).
 
     A local folder, and a plain ``LocalStore`` given, become a :class:`RegularFileStore`: it reads
-    only regular files, without blocking, and no metadata document over MAX_JSON_BYTES."""
+    only regular files, without blocking, and no metadata document over MAX_JSON_BYTES. Any other
+    URL becomes a :class:`~trajstore._remote.RemoteFsspecStore` (``storage_options`` go to its
+    fsspec file system): a backend that cannot be reached raises StoreUnreachableError. A Store
+    given is used as it is, and ``storage_options`` are then not used."""
     if type(url) is LocalStore:  # exactly Zarr's: a subclass someone wrote is theirs to keep
         return RegularFileStore(url.root, read_only=read_only)
     if isinstance(url, Store):
@@ -64,10 +68,8 @@ def open_zarr_store(url: StoreLike, *, read_only: bool, storage_options: dict[st
     if "://" not in text:
         return RegularFileStore(Path(text).expanduser(), read_only=read_only)
     store = FsspecStore.from_url(text, read_only=read_only, storage_options=storage_options)
-    if _is_local_fs(store):
-        return AtomicLocalFsspecStore(fs=store.fs, path=store.path, read_only=read_only,
-                                      allowed_exceptions=store.allowed_exceptions)
-    return store
+    kind = AtomicLocalFsspecStore if _is_local_fs(store) else RemoteFsspecStore
+    return kind(fs=store.fs, path=store.path, read_only=read_only, allowed_exceptions=store.allowed_exceptions)
 
 
 def _is_local_fs(store: FsspecStore) -> bool:

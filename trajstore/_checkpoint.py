@@ -31,6 +31,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import _backend
+from ._dims import partial_dims
 
 __all__ = ["BlockCheckpoint", "lost_race", "resumable"]
 
@@ -111,7 +112,7 @@ class BlockCheckpoint:
         try:
             array = zarr.create_array(self._zstore, name=f"{self._path}/b{k}", shape=value.shape, chunks=value.shape,
                                       dtype=np.float64, fill_value=np.nan, overwrite=True, attributes={_TAG: self._tag},
-                                      **_CRC)
+                                      dimension_names=partial_dims(value.ndim), **_CRC)
             array[...] = value
         except (OSError, ValueError) as e:
             if not lost_race(e):

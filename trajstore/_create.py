@@ -18,6 +18,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import _backend, _io
+from ._dims import BUFFERS_DIMS, PARAMS_DIMS
 from .errors import FormatVersionError, NotAStoreError, StoreExistsError
 
 __all__ = ["FORMAT_VERSION", "GROUP_DOC", "READABLE_VERSIONS", "TRAJ_ROOT", "check_version", "claim_name",
@@ -27,7 +28,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 TRAJ_ROOT = "trajectories"
 GROUP_DOC = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-# What a killed creation can leave in a trajectory's folder (besides temporary files).
+# What a killed creation can leave in a trajectory's folder (besides temporary files); writer.lock is
+# the lease's lock file of earlier versions, and of file systems whose folders cannot be locked.
 _CREATION_KEYS = {"zarr.json", "params/zarr.json", "buffers/zarr.json", "writer.json", "writer.lock"}
 
 
@@ -129,7 +131,9 @@ def create_arrays(zstore: zarr.abc.store.Store, prefix: str, static: Any) -> Non
     common: dict[str, Any] = {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": None,
                               "config": {"write_empty_chunks": True}, "overwrite": True}
     zarr.create_array(zstore, name=f"{prefix}/params", shape=(0, static.layout.n), chunks=(1, static.chunk_elems),
-                      dtype=static.dtype.numpy_dtype, fill_value=static.dtype.fill_value, **common)
+                      dtype=static.dtype.numpy_dtype, fill_value=static.dtype.fill_value,
+                      dimension_names=PARAMS_DIMS, **common)
     if static.layout.buffer_nbytes:
         zarr.create_array(zstore, name=f"{prefix}/buffers", shape=(0, static.layout.buffer_nbytes),
-                          chunks=(1, static.layout.buffer_nbytes), dtype=np.uint8, fill_value=0, **common)
+                          chunks=(1, static.layout.buffer_nbytes), dtype=np.uint8, fill_value=0,
+                          dimension_names=BUFFERS_DIMS, **common)

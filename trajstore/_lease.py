@@ -1,13 +1,29 @@
 """One writer per trajectory.
 
-On a local folder the lease is an exclusive ``flock`` on ``writer.lock``: the kernel drops it when
-the holding process dies, so a killed writer never leaves the trajectory stuck, and a second
-writer on the same machine is refused at once. On other backends (object stores, ``memory://``)
-the lease is a JSON document with a heartbeat: a holder refreshes it from a daemon thread every
-``ttl / 4`` seconds, and a lease whose heartbeat is older than ``ttl`` (or whose holder, on this
-machine, is no longer running) may be taken over. In both cases ``writer.json`` names the holder,
-so the refusal says who is writing, and the writer checks that it still holds the lease before
-each commit.
+On a local folder the lease is an exclusive ``flock`` on the trajectory's folder itself: the kernel
+drops it when the holding process dies, so a killed writer never leaves the trajectory stuck, and
+a second writer on the same machine is refused at once. Locking the folder leaves no file behind
+(a lock file in the trajectory's group is an object Zarr does not recognise, and every Zarr
+listing of the group warns about it). Where a folder cannot be locked (``flock`` on an NFS mount
+is emulated by a byte-range lock, which needs a descriptor open for writing) the lease falls back
+to an flock on ``writer.lock``, created in the folder. On other backends (object stores,
+``memory://``) the lease is a JSON document with a heartbeat: a holder refreshes it from a daemon
+thread every ``ttl / 4`` seconds, and a lease whose heartbeat is older than ``ttl`` (or whose
+holder, on this machine, is no longer running) may be taken over. In both cases ``writer.json``
+names the holder, so the refusal says who is writing, and the writer checks that it still holds
+the lease before each commit.
+
+Earlier trajstore writers locked ``writer.lock`` only (creating it, never removing it). So that one
+of them and a current writer never both hold a trajectory, a current writer also locks
+``writer.lock`` wherever it exists, without creating it: it exists in every trajectory such a
+writer ever opened, and a refusal on it names the holder as usual. (Creating it would keep the
+file Zarr warns about; removing it on release cannot be made safe against a writer that locks it
+by name without checking what it locked.) One case is left to a check: an earlier writer opening a
+trajectory that no earlier writer had opened, while a current writer holds it, creates
+``writer.lock`` and gets it. The current writer looks for the file before each commit (one
+``open``) and, when it cannot lock it, raises WriterConflictError instead of committing; the
+earlier writer's generation fences off its later commits anyway. Only a commit already past that
+check when the earlier writer took the file can land beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +45,8 @@ from .errors import WriterConflictError
 __all__ = ["WriterLease"]
 
 DEFAULT_TTL = 60.0
+# The lock file of earlier trajstore writers, locked where it exists (see the module docstring).
+LEGACY_LOCK = "writer.lock"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -63,8 +81,10 @@ class WriterLease:
         self._ttl = ttl
         self._token = uuid.uuid4().hex
         self._root = local_root(store)
-        self._lock_path = self._root / prefix / "writer.lock" if self._root is not None else None
+        self._folder = self._root / prefix if self._root is not None else None
+        self._lock_path = self._folder  # what the primary flock is on: the folder, or LEGACY_LOCK in it
         self._fd: int | None = None
+        self._legacy_fd: int | None = None  # LEGACY_LOCK's flock, held beside the folder's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Whether the previous holder may still be running (a lapsed heartbeat, or a lease document
@@ -89,7 +109,7 @@ class WriterLease:
         """Take the lease (WriterConflictError while another live writer holds it). A failure
         part-way gives back whatever was taken: no heartbeat or flock is left behind."""
         try:
-            if self._lock_path is not None:
+            if self._folder is not None:
                 self._acquire_flock(name)
                 previous = self._read()
                 self.took_over = isinstance(previous, dict) and not self._dead(previous)
@@ -105,21 +125,57 @@ class WriterLease:
             raise
 
     def _acquire_flock(self, name: str) -> None:
+        """The folder's flock, then LEGACY_LOCK's where it exists; LEGACY_LOCK alone (created)
+        where the folder cannot be locked."""
         import fcntl
 
-        assert self._lock_path is not None
-        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        assert self._folder is not None
+        self._folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = _holder_text(self._read())
-            raise WriterConflictError(
-                f"trajectory {name!r} already has a live writer: {holder}; "
-                "open it with mode='r' to read, or wait for that writer to close"
-            ) from None
+            raise self._conflict(name) from None
+        except OSError:  # EBADF, ENOLCK, EINVAL: this file system locks files, not folders
+            os.close(fd)
+            self._lock_path = self._folder / LEGACY_LOCK
+            self._fd = self._lock_file(name, create=True)
+            return
         self._fd = fd
+        self._legacy_fd = self._lock_file(name, create=False)
+
+    def _lock_file(self, name: str, *, create: bool) -> int | None:
+        """An flock on LEGACY_LOCK (None when it is absent and not to be created)."""
+        import fcntl
+
+        assert self._folder is not None
+        path = self._folder / LEGACY_LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except PermissionError:  # another user's file: a local flock needs no write access
+            if create:
+                raise
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self._conflict(name) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _conflict(self, name: str) -> WriterConflictError:
+        return WriterConflictError(
+            f"trajectory {name!r} already has a live writer: {_holder_text(self._read())}; "
+            "open it with mode='r' to read, or wait for that writer to close"
+        )
 
     def _acquire_lease(self, name: str) -> None:
         current = self._read()
@@ -185,7 +241,17 @@ class WriterLease:
     def check(self, name: str) -> None:
         """Raise WriterConflictError unless this lease is still ours."""
         if self._fd is not None:
-            return  # the kernel holds the flock for us until we close it
+            # The kernel holds the flock for us until we close it; a writer of an earlier
+            # trajstore may have created LEGACY_LOCK since (see the module docstring).
+            if self._legacy_fd is None and self._lock_path == self._folder:
+                try:
+                    self._legacy_fd = self._lock_file(name, create=False)
+                except WriterConflictError:
+                    raise WriterConflictError(
+                        f"lost the write lease of trajectory {name!r} to a writer of an earlier trajstore version "
+                        f"({_holder_text(self._read())}), which locks only {LEGACY_LOCK}; nothing was committed"
+                    ) from None
+            return
         doc = self._read()
         if not isinstance(doc, dict) or doc.get("token") != self._token:
             raise WriterConflictError(
@@ -200,9 +266,7 @@ class WriterLease:
             self._thread.join(timeout=1.0)
             self._thread = None
         if quiet:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._close_locks()
             return
         doc = self._read()
         if isinstance(doc, dict) and doc.get("token") == self._token:
@@ -210,10 +274,15 @@ class WriterLease:
                 delete_key(self._store, self._key)
             except Exception:
                 pass
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        self._close_locks()
+
+    def _close_locks(self) -> None:
+        for fd in (self._legacy_fd, self._fd):
+            if fd is not None:
+                os.close(fd)  # closing the descriptor drops the flock
+        self._fd = self._legacy_fd = None
 
     @property
     def lock_path(self) -> Path | None:
+        """What the flock is on: the trajectory's folder (or its LEGACY_LOCK); None off local folders."""
         return self._lock_path

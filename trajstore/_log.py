@@ -52,7 +52,7 @@ from zarr.abc.store import Store
 
 from . import _backend, _io
 from ._records import MAX_SNAPSHOTS, SnapshotRecord, check_record
-from .errors import InvalidStoreError
+from .errors import InvalidStoreError, StoreUnreachableError
 
 __all__ = ["Commit", "Generation", "LogState", "SEGMENT", "commit_key", "fences", "new_token", "read_log", "resolve",
            "seal_key", "start_generation", "write_commit", "write_format1", "write_generation", "write_seal"]
@@ -241,6 +241,8 @@ async def _read_docs(store: Store, keys: Sequence[str]) -> list[Any]:
         async with sem:
             try:
                 return await _get_json(store, key)
+            except StoreUnreachableError:  # a commit not read is not a damaged one: the log is unknown
+                raise
             except Exception as e:
                 return e
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 from . import _backend, _io
 from ._localread import ChunkFault, ColumnStream, LocalChunkReader, RowRef, check_crc, piece_size
-from .errors import CorruptSnapshotError, SnapshotIndexError
+from .errors import CorruptSnapshotError, SnapshotIndexError, StoreUnreachableError
 
 __all__ = ["KeyChunkReader", "ReadPath", "read_buffers"]
 
@@ -65,6 +65,8 @@ class KeyChunkReader:
         except _io.NotRegularFileError:
             raise ChunkFault(ref.snapshot, j, "chunk file is not a regular file (a FIFO, socket, device or link)") \
                 from None
+        except StoreUnreachableError:  # not reaching the store says nothing about the chunk
+            raise
         except (OSError, TimeoutError) as e:
             raise ChunkFault(ref.snapshot, j, f"chunk could not be read ({type(e).__name__}: {e})") from e
         except ValueError:  # over the limit: larger than a chunk can be
@@ -86,6 +88,8 @@ def read_buffers(store: Store, array_path: str, ref: RowRef, nbytes: int, expect
         data = _backend.sync(_io.get_bytes(store, key, limit=nbytes + 4))
     except _io.NotRegularFileError:
         raise ChunkFault(ref.snapshot, 0, "its buffers chunk is not a regular file") from None
+    except StoreUnreachableError:
+        raise
     except (OSError, TimeoutError) as e:
         raise ChunkFault(ref.snapshot, 0, f"its buffers chunk could not be read ({type(e).__name__}: {e})") from e
     except ValueError:

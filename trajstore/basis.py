@@ -40,8 +40,8 @@ from zarr.core.group import GroupMetadata
 from . import _backend, _linalg
 from ._names import check_name, check_stored_name
 from ._records import MAX_SNAPSHOTS
-from .errors import (CorruptSnapshotError, FormatVersionError, InvalidStoreError, TrajectoryNotFoundError,
-                     WriterConflictError)
+from .errors import (CorruptSnapshotError, FormatVersionError, InvalidStoreError, StoreUnreachableError,
+                     TrajectoryNotFoundError, WriterConflictError)
 from .layout import MAX_ELEMENTS
 
 __all__ = ["Basis", "BASES_ROOT", "list_bases", "open_basis"]
@@ -160,6 +160,8 @@ class Basis:
             return array[key]
         try:
             values = np.asarray(array[key])
+        except StoreUnreachableError:  # not reaching the store says nothing about the basis
+            raise
         except Exception as e:
             self._raise_if_changed()
             raise CorruptSnapshotError(f"basis {self.name!r}: {what} failed to decode ({type(e).__name__}: {e})") from e
@@ -256,6 +258,8 @@ def open_arrays(zstore: Store, name: str, meta: dict[str, Any]) -> Basis:
                                 "expected float32, float32, float64")
     try:
         values = np.asarray(gram[...])
+    except StoreUnreachableError:
+        raise
     except Exception as e:  # the codec pipeline raises ValueError/RuntimeError/... on bad bytes
         raise CorruptSnapshotError(f"basis {name!r}: gram failed to decode ({type(e).__name__}: {e})") from e
     if not np.isfinite(values).all():

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import TrajstoreError
 
@@ -16,7 +17,7 @@ __all__ = ["main"]
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, store_info
 
-    info = store_info(args.store)
+    info = store_info(args.store, storage_options=args.storage_options)
     print(json.dumps(info, indent=2) if args.json else format_info(info, max_rows=args.rows))
     return 0
 
@@ -24,7 +25,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import format_report, verify
 
-    report = verify(args.store, sources=not args.no_sources, progress=not args.json)
+    report = verify(args.store, storage_options=args.storage_options, sources=not args.no_sources,
+                    progress=not args.json)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
 
@@ -53,7 +55,7 @@ def _cmd_basis(args: argparse.Namespace) -> int:
     try:
         basis = dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=args.trajectory,
                      client=client, name=args.name, block_bytes=int(args.block_mb * 2**20),
-                     overwrite=args.overwrite, progress=True)
+                     overwrite=args.overwrite, progress=True, storage_options=args.storage_options)
     finally:
         if client is not None:
             client.close()
@@ -124,7 +126,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .errors import InvalidStoreError
     from .store import TrajectoryStore
 
-    with TrajectoryStore.open(args.store, trajectory=args.trajectory) as store:
+    options = args.storage_options
+    if "://" in str(args.store) and not args.out:  # results are local files, next to a local store
+        raise ValueError(f"the store {args.store} is at a URL: say where the results go with --out FOLDER")
+    with TrajectoryStore.open(args.store, trajectory=args.trajectory, storage_options=options) as store:
         attrs, trajectory, layout = store.attrs, store.name, store.layout
     recorded = attrs.get("experiment")
     flags = {k: str(v) for k, v in vars(args).items() if k in ("data", "data_root", "model", "device") and v is not None}
@@ -141,17 +146,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipelines import ranks
 
     if args.basis:
-        basis = open_basis(args.store, args.basis)
+        basis = open_basis(args.store, args.basis, storage_options=options)
     else:
         if ranks.is_main():  # rank 0 computes; the others find it complete
-            dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory, progress=True)
+            dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory, progress=True,
+                 storage_options=options)
         ranks.barrier()
         basis = dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=trajectory,
-                     progress=ranks.is_main())
+                     progress=ranks.is_main(), storage_options=options)
     folder = Path(args.out) if args.out else Path(os.fspath(args.store)).resolve().parent
     tag = f"train-{args.optimizer}-{basis.name}-e{args.epochs}-b{args.batch_size}"
     result = train_subspace(cfg, folder, seed, args.optimizer, basis, epochs=args.epochs,
-                            batch_size=args.batch_size, tag=tag, store=args.store)
+                            batch_size=args.batch_size, tag=tag, store=args.store, storage_options=options)
     last = result["history"][-1] if result["history"] else {"test_acc": float("nan")}
     if not ranks.is_main():
         return 0
@@ -182,6 +188,69 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from pipelines import bench
 
     return bench.run(args)
+
+
+_PYTHON_WORDS: dict[str, Any] = {"True": True, "False": False, "None": None}
+
+
+def _set_option(options: dict[str, Any], pair: str) -> None:
+    """Put ``KEY=VALUE`` into ``options``: VALUE parsed as JSON when it parses (``true``,
+    ``1``, ``{"endpoint_url": "..."}``; Python's ``True``, ``False`` and ``None`` too), else kept as
+    text; a dotted KEY (``client_kwargs.endpoint_url``) sets a key of a nested dict. ValueError
+    on a pair without ``=``, an empty key, or a key given twice."""
+    key, sep, text = pair.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(path):
+        raise ValueError(f"takes KEY=VALUE (KEY may be dotted, as in client_kwargs.endpoint_url=URL), got {pair!r}")
+    value: Any
+    if text in _PYTHON_WORDS:
+        value = _PYTHON_WORDS[text]
+    else:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+    where = options
+    for i, part in enumerate(path[:-1]):
+        where = where.setdefault(part, {})
+        if not isinstance(where, dict):
+            raise ValueError(f"{'.'.join(path[:i + 1])} is {where!r:.80}, not a dict: it cannot take {key.strip()}")
+    _merge(where, path[-1], value, key.strip())
+
+
+def _merge(into: dict[str, Any], key: str, value: Any, name: str) -> None:
+    """``into[key] = value``; dicts are merged key by key (``client_kwargs={...}`` and
+    ``client_kwargs.region_name=...``), and a value set twice is a ValueError."""
+    if key not in into:
+        into[key] = value
+    elif isinstance(into[key], dict) and isinstance(value, dict):
+        for k, v in value.items():
+            _merge(into[key], k, v, f"{name}.{k}")
+    else:
+        raise ValueError(f"{name} is given twice")
+
+
+
+class _StorageOption(argparse.Action):
+    """``--storage-option KEY=VALUE``, repeatable, gathered into one dict (see :func:`_set_option`);
+    bad syntax is an argparse error (exit 2)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        options = dict(getattr(namespace, self.dest) or {})
+        try:
+            _set_option(options, str(values))
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+        setattr(namespace, self.dest, options)
+
+
+def _add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", dest="storage_options", action=_StorageOption, default=None,
+                        metavar="KEY=VALUE",
+                        help="an option of the URL's fsspec file system, repeatable; VALUE is JSON when it parses, "
+                             "a dotted KEY sets a nested one: --storage-option anon=true, "
+                             "--storage-option client_kwargs.endpoint_url=http://127.0.0.1:9000")
 
 
 def _add_nproc(parser: argparse.ArgumentParser) -> None:
@@ -240,13 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("store", help="store folder or fsspec URL")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--rows", type=int, default=12, help="snapshots shown per trajectory (default 12)")
+    _add_storage_option(info)
     info.set_defaults(func=_cmd_info)
 
-    verify_ = sub.add_parser("verify", help="check every chunk, commit and basis of a store (exit 1 if damaged)")
+    verify_ = sub.add_parser("verify", help="check every chunk, commit and basis of a store (exit 1 if damaged, 2 if unreachable)")
     verify_.add_argument("store", help="store folder or fsspec URL")
     verify_.add_argument("--json", action="store_true", help="print the report as JSON")
     verify_.add_argument("--no-sources", action="store_true",
                          help="skip checking each basis against its window's snapshots (one pass per basis)")
+    _add_storage_option(verify_)
     verify_.set_defaults(func=_cmd_verify)
 
     basis = sub.add_parser("basis", help="compute the DLDR basis of a window of a trajectory")
@@ -258,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     basis.add_argument("--name", default=None, help="basis name (default TRAJECTORY-START-STOP-dD)")
     basis.add_argument("--block-mb", type=float, default=256, help="float32 MiB per block of all snapshots")
     basis.add_argument("--overwrite", action="store_true", help="recompute even if the basis exists")
+    _add_storage_option(basis)
     where = basis.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=None, help="start a local dask.distributed cluster of N processes")
     where.add_argument("--scheduler", default=None, help="address of a running dask.distributed scheduler")
@@ -298,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", default=None)
     train.add_argument("--model", default=None)
     train.add_argument("--device", default=None)
-    train.add_argument("--out", default=None, help="folder for the result (default: the store's folder)")
+    train.add_argument("--out", default=None, help="folder for the result (default: the store's folder; "
+                       "needed for a store at a URL)")
+    _add_storage_option(train)
     _add_nproc(train)
     train.set_defaults(func=_cmd_train)
 

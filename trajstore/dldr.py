@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -33,8 +34,10 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 
 from . import _backend, _linalg, _progress
 from . import basis as _bases
+from ._blas import one_thread_on_workers
 from ._checkpoint import BlockCheckpoint, lost_race
 from ._dask import Scratch, block_size, block_tasks
+from ._dims import GRAM_DIMS, MEAN_DIMS, U_DIMS
 from ._fingerprint import piece_fingerprints
 from ._names import check_name
 from .basis import BASES_ROOT, FORMAT_VERSION, Basis, list_bases, open_basis
@@ -57,7 +60,8 @@ _CRC = {"serializer": BytesCodec(), "compressors": [Crc32cCodec()], "filters": N
 
 def _gram_task(piece: np.ndarray, c: int, first: int, scratch: Scratch | None = None) -> np.ndarray:
     work = scratch.get("x", (piece.shape[0], _linalg.SUB_BLOCK), np.float64) if scratch else None
-    return _linalg.gram_block(piece, 0, first, work)
+    with one_thread_on_workers():
+        return _linalg.gram_block(piece, 0, first, work)
 
 
 class _BasisWriter:
@@ -99,22 +103,27 @@ def _basis_task(piece: np.ndarray, c: int, v_scaled: np.ndarray, writer: _BasisW
     t, m = piece.shape
     d = v_scaled.shape[1]
     u = scratch.get("u", (m, d), np.float64)
-    u, mean = _linalg.basis_block(piece, v_scaled, 0, scratch.get("x", (t, _linalg.SUB_BLOCK), np.float64), u)
+    with one_thread_on_workers():
+        u, mean = _linalg.basis_block(piece, v_scaled, 0, scratch.get("x", (t, _linalg.SUB_BLOCK), np.float64), u)
     u32 = scratch.get("u32", (m, d), np.float32)
     np.copyto(u32, u, casting="same_kind")
     writer.write(c, u32, mean.astype(np.float32))
     np.copyto(u, u32)  # U^T U is measured on what is stored
-    return np.concatenate([(u.T @ u).ravel(), piece_fingerprints(piece, c)])
+    with one_thread_on_workers():
+        gram = u.T @ u
+    return np.concatenate([gram.ravel(), piece_fingerprints(piece, c)])
 
 
 def _memory_basis_task(block: np.ndarray, v_scaled: np.ndarray) -> np.ndarray:
     """In memory: U^T and the mean stacked, (d + 1, b)."""
-    u, mean = _linalg.basis_block(block, v_scaled)
+    with one_thread_on_workers():
+        u, mean = _linalg.basis_block(block, v_scaled)
     return np.vstack([u.T, mean[None, :]])
 
 
 def _memory_gram_task(block: np.ndarray) -> np.ndarray:
-    return _linalg.gram_block(block)
+    with one_thread_on_workers():
+        return _linalg.gram_block(block)
 
 
 def _compute_ordered(tasks: list[Any], client: Any, num_workers: int | None, desc: str | None) -> list[np.ndarray]:
@@ -122,7 +131,8 @@ def _compute_ordered(tasks: list[Any], client: Any, num_workers: int | None, des
     held to one thread meanwhile (process-wide, restored after): each dask thread runs its own
     products, and OpenBLAS threads on top of them spun against each other and the reads (measured:
     a 16M-parameter Gram pass took 19-37 s that way, 11.5 s with single-threaded BLAS).
-    dask.distributed workers already start with one BLAS thread."""
+    On dask.distributed workers each task holds the limit itself (:mod:`trajstore._blas`), whatever
+    the worker was started with."""
     if client is None and num_workers != 1:
         from threadpoolctl import threadpool_limits
 
@@ -253,7 +263,7 @@ def _commit_cached_gram(store: TrajectoryStore, zstore: zarr.abc.store.Store, gr
     count = gram.shape[0]
     name = f"g{count}"
     array = group.create_array(name, shape=gram.shape, chunks=gram.shape, dtype=np.float64, fill_value=np.nan,
-                               overwrite=True, **_CRC)
+                               dimension_names=GRAM_DIMS, overwrite=True, **_CRC)
     array[...] = gram
     # The pointer is the commit: one atomic attribute write after the data.
     group.update_attributes({"trajstore": {"count": count, "array": name, "digest": _records_digest(store, count),
@@ -351,7 +361,8 @@ def _dldr_array(x: Any, d: int, client: Any, block_bytes: int, num_workers: int 
 
 def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, trajectory: str | None = None,
          client: Any = None, block_bytes: int = DEFAULT_BLOCK_BYTES, name: str | None = None,
-         num_workers: int | None = None, overwrite: bool = False, progress: bool = False) -> Basis:
+         num_workers: int | None = None, overwrite: bool = False, progress: bool = False,
+         storage_options: dict[str, Any] | None = None) -> Basis:
     """The top-``d`` DLDR basis of snapshots ``[start, stop)`` of a trajectory.
 
     Parameters
@@ -379,6 +390,10 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
         Recompute even when a complete basis of that name and source exists.
     progress : bool
         Show a progress bar per pass (tqdm locally, ``distributed.progress`` on a cluster).
+    storage_options : dict, optional
+        Options of the URL's fsspec file system (``key``, ``secret``, ``endpoint_url``...), as for
+        :meth:`TrajectoryStore.open`. Only with a URL or path: an open TrajectoryStore or a Zarr
+        Store already has its file system, and arrays have none (ValueError).
 
     Returns
     -------
@@ -388,6 +403,8 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
 
     Raises
     ------
+    StoreUnreachableError
+        The store's backend cannot be reached (refused, unresolvable, timed out, no credentials).
     WriterConflictError
         Rarely, when another process computing the same name deleted this computation's version
         folder, taking it for abandoned, before its commit; nothing was committed.
@@ -427,10 +444,13 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
         raise ValueError(f"block_bytes must be a positive integer, got {block_bytes!r}")
     if name is not None:
         check_name(name, "basis")  # before any work: the name becomes a folder of the store
+    if storage_options is not None and not isinstance(store, (str, os.PathLike)):
+        raise ValueError(f"storage_options apply to a store given by URL or path, not to a {type(store).__name__} "
+                         "(it already has its file system): open it with them, or pass the URL")
     if not isinstance(store, TrajectoryStore):
         if isinstance(store, np.ndarray) or type(store).__module__.startswith("dask"):
             return _dldr_array(store, d, client, block_bytes, num_workers)
-        store = TrajectoryStore.open(store, "r", trajectory=trajectory)
+        store = TrajectoryStore.open(store, "r", trajectory=trajectory, storage_options=storage_options)
     elif trajectory is not None and trajectory != store.name:
         store = TrajectoryStore.open(store.zarr_store, "r", trajectory=trajectory)
     t0, t1, _ = slice(start, stop).indices(len(store))
@@ -482,10 +502,12 @@ def _write_basis(store: TrajectoryStore, zstore: zarr.abc.store.Store, name: str
     group = _unfinished_version(zstore, name, identity, n, centred, stored)
     if group is None:
         group = _bases.create_version(zstore, name, {"trajstore_pass": identity, "created": meta["created"]})
-        group.create_array("U", shape=(n, d), chunks=(u_rows, d), dtype=np.float32, fill_value=np.nan, **_CRC)
-        group.create_array("mean", shape=(n,), chunks=(u_rows,), dtype=np.float32, fill_value=np.nan, **_CRC)
+        group.create_array("U", shape=(n, d), chunks=(u_rows, d), dtype=np.float32, fill_value=np.nan,
+                           dimension_names=U_DIMS, **_CRC)
+        group.create_array("mean", shape=(n,), chunks=(u_rows,), dtype=np.float32, fill_value=np.nan,
+                           dimension_names=MEAN_DIMS, **_CRC)
         group.create_array("gram", shape=centred.shape, chunks=centred.shape, dtype=np.float64, fill_value=np.nan,
-                           **_CRC)
+                           dimension_names=GRAM_DIMS, **_CRC)
         group["gram"][...] = centred
     else:
         meta["created"] = group.attrs.get("created", meta["created"])

@@ -17,6 +17,7 @@ __all__ = [
     "ReadOnlyError",
     "SnapshotIndexError",
     "StoreExistsError",
+    "StoreUnreachableError",
     "TrajectoryNotFoundError",
     "TrajstoreError",
     "WriterConflictError",
@@ -69,3 +70,9 @@ class CorruptSnapshotError(TrajstoreError, OSError):
 
 class WriterConflictError(TrajstoreError, BlockingIOError):
     """Another live writer holds the trajectory's write lease."""
+
+
+class StoreUnreachableError(TrajstoreError, ConnectionError):
+    """The store's backend cannot be reached: connection refused or reset, a name that does not
+    resolve, a timeout, or no credentials to sign a request with. Nothing is known about the
+    store's data, so this is never damage (``trajstore verify`` exits 2 on it, not 1)."""

@@ -21,11 +21,13 @@ def _human(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def store_info(url: StoreLike, **open_kw: Any) -> dict[str, Any]:
-    """Every trajectory of the store: n, t, layout size, dtype, bytes stored, per-snapshot records."""
+def store_info(url: StoreLike, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every trajectory of the store: n, t, layout size, dtype, bytes stored, per-snapshot records;
+    and every basis. ``storage_options`` go to the URL's fsspec file system (as for
+    :meth:`TrajectoryStore.open`); a store that cannot be reached raises StoreUnreachableError."""
     trajectories = []
-    for name in TrajectoryStore.list_trajectories(url, **open_kw):
-        store = TrajectoryStore.open(url, "r", trajectory=name, **open_kw)
+    for name in TrajectoryStore.list_trajectories(url, storage_options=storage_options):
+        store = TrajectoryStore.open(url, "r", trajectory=name, storage_options=storage_options)
         layout = store.layout
         trajectories.append({
             "name": name,
@@ -42,7 +44,7 @@ def store_info(url: StoreLike, **open_kw: Any) -> dict[str, Any]:
             "gram": _gram_info(store),
             "snapshots": [{k: r.get(k) for k in ("step", "epoch", "lr", "metrics", "time")} for r in store.records],
         })
-    zstore = _backend.open_zarr_store(url, read_only=True, **open_kw)
+    zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
     return {"store": describe(url), "trajectories": trajectories, "bases": _bases_info(zstore)}
 
 

@@ -307,9 +307,9 @@ class TrajectoryStore(ReadPath, AppendPath):
         return [n for n in _backend.child_nodes(root.store, TRAJ_ROOT) if is_valid_name(n)]
 
     @classmethod
-    def list_trajectories(cls, url: StoreLike, **kw: Any) -> list[str]:
-        """Names of the trajectories a store holds."""
-        zstore = _backend.open_zarr_store(url, read_only=True, **kw)
+    def list_trajectories(cls, url: StoreLike, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+        """Names of the trajectories a store holds (``storage_options``: as for :meth:`open`)."""
+        zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
         return cls._names(read_root(zstore, _backend.describe(url)))
 
     def refresh(self) -> None:

@@ -15,8 +15,10 @@ row, block checkpoints of a killed pass, an incomplete basis, stray temporary fi
 
 A trajectory or basis folder whose group document is gone while its chunks remain is an error (it
 no longer opens, so it would otherwise be silently missing from the listing). verify never raises
-on a damaged store: an exception in any one check becomes an error finding. It never blocks on a
-FIFO or socket planted in the store (see :class:`trajstore._backend.RegularFileStore`), and never
+on a damaged store: an exception in any one check becomes an error finding. A store it cannot
+reach (connection refused, no such host, a timeout, no credentials) is not a damaged one: verify
+raises StoreUnreachableError then, at the first read that fails, and reports nothing. It never
+blocks on a FIFO or socket planted in the store (see :class:`trajstore._backend.RegularFileStore`), and never
 sizes a read from metadata beyond SCAN_VALUES (see :func:`_scan_snapshots`).
 """
 
@@ -36,7 +38,7 @@ from ._fingerprint import piece_fingerprints
 from ._names import NAME_PATTERN, is_valid_name
 from ._localread import PIECE
 from .basis import BASES_ROOT, Basis, basis_path, list_bases, open_basis, validate_meta
-from .errors import CorruptSnapshotError, TrajstoreError
+from .errors import CorruptSnapshotError, StoreUnreachableError, TrajstoreError
 from ._create import read_root
 from .store import TrajectoryStore
 
@@ -120,10 +122,17 @@ def verify(url: StoreLike, *, storage_options: dict[str, Any] | None = None, sou
     ----------
     url : str, path or zarr Store
         The store (opened read-only: verify writes nothing).
+    storage_options : dict, optional
+        Options of the URL's fsspec file system (credentials, ``endpoint_url``...).
     sources : bool
         Also check each basis against the snapshots of its window (a streaming pass per basis).
     progress : bool
         Show a progress bar per trajectory and basis.
+
+    Raises
+    ------
+    StoreUnreachableError
+        The store's backend cannot be reached; nothing is reported about its data.
 
     Notes
     -----
@@ -137,6 +146,8 @@ def verify(url: StoreLike, *, storage_options: dict[str, Any] | None = None, sou
         zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
         root = read_root(zstore, report.store)
         names = TrajectoryStore._names(root)
+    except StoreUnreachableError:
+        raise
     except TrajstoreError as e:
         report.add("error", report.store, str(e))
         return report
@@ -167,6 +178,8 @@ def _guarded(report: VerifyReport, where: str, what: str, check: Callable[..., A
     returned: verify reports a damaged store, it does not crash on one."""
     try:
         return check(*args)
+    except StoreUnreachableError:
+        raise
     except Exception as e:
         report.add("error", where, f"{what} failed ({type(e).__name__}: {e!s:.300})")
         return default
@@ -207,6 +220,8 @@ def _check_trajectory(zstore: zarr.abc.store.Store, name: str, report: VerifyRep
     where = f"trajectory {name!r}"
     try:
         store = TrajectoryStore.open(zstore, "r", trajectory=name)
+    except StoreUnreachableError:
+        raise
     except TrajstoreError as e:
         report.add("error", where, str(e))
         return None
@@ -346,6 +361,8 @@ def _check_gram_cache(store: TrajectoryStore, report: VerifyReport, where: str) 
     if _exists_group(zstore, f"{store.prefix}/gram"):
         try:
             cached = _read_cached_gram(store, zstore)
+        except StoreUnreachableError:
+            raise
         except Exception as e:
             cached = None
             report.add("warning", where, f"the cached Gram matrix does not decode ({type(e).__name__}: {e}); "
@@ -369,6 +386,8 @@ def _exists_group(zstore: zarr.abc.store.Store, path: str) -> bool:
 def _basis_names(zstore: zarr.abc.store.Store, report: VerifyReport) -> list[str]:
     try:
         return list_bases(zstore)
+    except StoreUnreachableError:
+        raise
     except Exception as e:
         report.add("error", BASES_ROOT, f"cannot list the bases ({type(e).__name__}: {e})")
         return []
@@ -380,6 +399,8 @@ def _check_basis(zstore: zarr.abc.store.Store, name: str, stores: dict[str, Traj
     try:
         group = _backend.open_group(zstore, basis_path(name), "r")
         meta = validate_meta(group.attrs.get("trajstore"), name)
+    except StoreUnreachableError:
+        raise
     except TrajstoreError as e:
         report.add("error", where, str(e))
         return
@@ -391,6 +412,8 @@ def _check_basis(zstore: zarr.abc.store.Store, name: str, stores: dict[str, Traj
         return
     try:
         basis = open_basis(zstore, name)
+    except StoreUnreachableError:
+        raise
     except TrajstoreError as e:
         report.add("error", where, str(e))
         return
@@ -420,6 +443,8 @@ def _scan_basis(group: zarr.Group, basis: Basis, report: VerifyReport, where: st
         for key in ("U", "mean"):
             try:
                 values = np.asarray(group[key][a:b])
+            except StoreUnreachableError:
+                raise
             except Exception as e:
                 bad.add(f"{key} rows [{a}, {b}) failed to decode ({type(e).__name__}: {e})")
                 continue
