@@ -32,14 +32,19 @@ def experiment_config(name: str) -> Any:
 
 
 def run_experiment(name: str, *, out: str | None = None, seed: int = 0, seeds: int = 1,
-                   overrides: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run an experiment end to end (resuming what ``out`` already holds)."""
+                   overrides: dict[str, str] | None = None, data_root: str | None = None) -> dict[str, Any]:
+    """Run an experiment end to end (resuming what ``out`` already holds). The whole config is
+    checked first (:func:`pipelines.validate.configure`): a mistake is refused before anything is
+    written or trained."""
     if name == "demo":
         from . import demo
 
+        if overrides or data_root:
+            from .validate import ConfigError
+
+            raise ConfigError("the demo takes no --set or --data-root (only --out and --seed)")
         return demo.main(demo.DemoConfig(out=out or "runs/demo", seed=seed))
     from .experiment import run
+    from .validate import configure
 
-    cfg = experiment_config(name).with_overrides(**(overrides or {}), seed=seed, seeds=seeds,
-                                                 **({"out": out} if out else {}))
-    return run(cfg)
+    return run(configure(name, overrides, seed=seed, seeds=seeds, out=out, data_root=data_root))

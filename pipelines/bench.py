@@ -13,7 +13,9 @@ the child's start (Python, torch, trajstore imported: the plan's baseline).
 - ``gram`` / ``basis``: the two passes of :func:`~trajstore.dldr` (page cache dropped first when
   this process may, so reads come from the disk).
 - ``train``: P+-BFGS steps from snapshot 0 with the basis ``resident``, ``mmap`` and ``stream``,
-  against SGD steps in the same process.
+  against SGD steps in the same process, in ``--rounds`` rounds that each time both under the same
+  load; the ratio is the median of the rounds', and a warning says when they spread by more than
+  :data:`~pipelines.harness.measure.SPREAD_LIMIT` (a noisy machine).
 - ``official``: the official approach re-created (all snapshots stacked in one float32 numpy
   array and ``sklearn.decomposition.PCA(D)``), where the plan says it fits in available memory.
 
@@ -39,12 +41,28 @@ from typing import Any
 import numpy as np
 
 from .atomic import save_json
-from .harness.measure import PeakMemory, available_bytes, drop_caches, du
+from .harness import SUITES
+from .harness.measure import PeakMemory, available_bytes, drop_caches, du, report_spread
 
-__all__ = ["floor_bounds", "main", "measure_floor"]
+__all__ = ["bench", "floor_bounds", "format_table", "main", "measure_floor"]
 
 STAGES = ("sample", "gram", "basis", "train", "official")
 TRAIN_MODES = ("resident", "mmap", "stream")
+
+DESCRIPTION = """\
+Measures each stage on a synthetic trajectory of MODEL's layout (SGD steps and T appended
+snapshots; the Gram and basis passes of DLDR, page cache dropped first when allowed; P+-BFGS
+steps with the basis resident, memory-mapped and streamed, against SGD steps; the official
+approach: all snapshots in one array and sklearn's PCA), each in a fresh Python process, and
+prints its peak memory, disk bytes and time beside 'trajstore plan MODEL'. Expect minutes for a
+small model (resnet20: 5 min on a shared 2-core machine, much of it starting the 7 processes);
+a line is printed as each run starts and ends, the table at the end."""
+
+EPILOG = """\
+examples:
+  trajstore bench resnet20                        every stage, T = 101, d = 40
+  trajstore bench wrn-40-10 --stages sample,gram,basis --floor --out bench.json
+  trajstore bench --suite goals --help            the goal suite and its options"""
 
 
 # ------------------------------------------------------------------------------- the floor
@@ -183,7 +201,23 @@ def child_basis(a: dict[str, Any]) -> dict[str, Any]:
             "orthonormality": basis.orthonormality}
 
 
+def _timed(step: Any, steps: int, device: str) -> list[float]:
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def child_train(a: dict[str, Any]) -> dict[str, Any]:
+    """``rounds`` rounds of ``steps`` P+-BFGS steps, each followed by ``steps`` SGD steps on a copy
+    of the model, so that each round's ratio compares steps taken under the same machine load;
+    the peak memory is the first round's P+-BFGS steps'."""
+    import copy
+
     import torch
 
     from trajstore import PBFGS, TrajectoryStore, open_basis
@@ -202,25 +236,25 @@ def child_train(a: dict[str, Any]) -> dict[str, Any]:
                 loss.backward()
             return loss
 
-        times = []
-        for _ in range(a["steps"]):
-            _sync(a["device"])
-            started = time.perf_counter()
-            opt.step(closure)
-            _sync(a["device"])
-            times.append(time.perf_counter() - started)
+        rounds = [(_timed(lambda: opt.step(closure), a["steps"], a["device"]), [])]
     gpu = _gpu_peak(a["device"])
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    sgd_times = []
-    for _ in range(a["steps"]):
-        _sync(a["device"])
-        started = time.perf_counter()
+    sgd_model = copy.deepcopy(model)  # SGD moving the P+-BFGS model would change its line searches
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9)
+
+    def sgd_step() -> None:
         sgd.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.functional.cross_entropy(sgd_model(x), y).backward()
         sgd.step()
-        _sync(a["device"])
-        sgd_times.append(time.perf_counter() - started)
-    return {**mem.to_json(), **gpu, "step_seconds": float(np.median(times)), "sgd_step_seconds": float(np.median(sgd_times)),
+
+    _timed(sgd_step, 1, a["device"])  # warm-up: the first backward of a fresh module allocates its graph
+    rounds[0][1].extend(_timed(sgd_step, a["steps"], a["device"]))
+    for _ in range(a.get("rounds", 1) - 1):
+        rounds.append((_timed(lambda: opt.step(closure), a["steps"], a["device"]),
+                       _timed(sgd_step, a["steps"], a["device"])))
+    ratios = [float(np.median(p) / np.median(q)) for p, q in rounds]
+    return {**mem.to_json(), **gpu, "step_seconds": float(np.median([t for p, _ in rounds for t in p])),
+            "sgd_step_seconds": float(np.median([t for _, q in rounds for t in q])),
+            "step_vs_sgd": float(np.median(ratios)), "step_vs_sgd_rounds": ratios,
             "trials": opt.stats["trials"], "disk_bytes": du(Path(a["path"]))}
 
 
@@ -292,7 +326,8 @@ def _row(stage: str, planned: Any, measured: dict[str, Any], floor: dict[str, fl
         if key in measured:
             row[key] = measured[key]
     if "step_seconds" in measured:
-        row["step_vs_sgd"] = measured["step_seconds"] / measured["sgd_step_seconds"]
+        row["step_vs_sgd"] = measured.get("step_vs_sgd", measured["step_seconds"] / measured["sgd_step_seconds"])
+        row["step_vs_sgd_rounds"] = measured.get("step_vs_sgd_rounds", [row["step_vs_sgd"]])
     if "peak_gpu_bytes" in measured and planned.gpu_peak_bytes:
         row.update(plan_gpu_peak_bytes=planned.gpu_peak_bytes, peak_gpu_bytes=measured["peak_gpu_bytes"],
                    gpu_ratio=measured["peak_gpu_bytes"] / planned.gpu_peak_bytes)
@@ -301,18 +336,33 @@ def _row(stage: str, planned: Any, measured: dict[str, Any], floor: dict[str, fl
     return row
 
 
+def _header(spec: str, t: int, d: int, batch: int, stages: tuple[str, ...], steps: int, rounds: int,
+            with_floor: bool) -> str:
+    runs = sum(len(TRAIN_MODES) if s == "train" else 1 for s in stages)
+    what = ", ".join(f"train ({'/'.join(TRAIN_MODES)}: {rounds} rounds of {steps} P+-BFGS and {steps} SGD steps)"
+                     if s == "train" else s for s in stages)
+    return (f"trajstore bench {spec}: T = {t} snapshots, d = {d}, batch {batch}; {runs} runs, each in a fresh process "
+            f"(seconds to start, then its work)\n  measuring {what}{'; the floor first' if with_floor else ''}")
+
+
 def bench(spec: str, *, t: int, d: int, batch: int, stages: tuple[str, ...], folder: Path,
           input_shape: tuple[int, ...] | None = None, workers: int | None = None, steps: int = 3,
-          with_floor: bool = False, durable: bool = True, device: str = "cpu") -> dict[str, Any]:
+          rounds: int = 3, with_floor: bool = False, durable: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Measure ``stages`` on a synthetic trajectory of ``spec``'s layout in ``folder`` and
-    compare with the plan. Returns rows with both, ratios, and the floor."""
+    compare with the plan. Returns rows with both, ratios, the floor, and ``warnings`` (figures
+    whose ``rounds`` spread by more than :data:`~pipelines.harness.measure.SPREAD_LIMIT`).
+    Prints a header, a line as each run starts and one with its figures as it ends."""
     workers = workers or os.cpu_count() or 1
     path = folder / "bench.zarr"
     common = {"model": spec, "input_shape": list(input_shape) if input_shape else None, "path": str(path),
               "t": t, "d": d, "batch": batch, "workers": workers, "durable": durable, "device": device}
-    rows, floor = [], None
+    rows, floor, warnings = [], None, []
+    print(_header(spec, t, d, batch, stages, steps, rounds, with_floor), flush=True)
+    started = time.perf_counter()
     if with_floor:
+        print("           floor: measuring (1 GiB written and read back, a memory copy, a GEMM) ...", flush=True)
         floor = measure_floor(folder, t)
+    total = sum(len(TRAIN_MODES) if s == "train" else 1 for s in stages)
     for stage in stages:
         if stage == "sample" and path.exists():
             shutil.rmtree(path)
@@ -320,7 +370,8 @@ def bench(spec: str, *, t: int, d: int, batch: int, stages: tuple[str, ...], fol
             raise SystemExit(f"stage {stage} needs the store of the sample stage: include 'sample' first")
         if stage == "train" and not (path / "bases" / "bench").exists():
             raise SystemExit("stage train needs the basis of the basis stage: include 'basis' before it")
-        todo = [(f"train ({m})", {**common, "mode": m, "steps": steps}) for m in TRAIN_MODES] if stage == "train" \
+        todo = [(f"train ({m})", {**common, "mode": m, "steps": steps, "rounds": rounds}) for m in TRAIN_MODES] \
+            if stage == "train" \
             else [(stage if stage != "official" else "official basis", common)]
         for name, args in todo:
             if stage == "official":
@@ -330,6 +381,8 @@ def bench(spec: str, *, t: int, d: int, batch: int, stages: tuple[str, ...], fol
                                  f"{available_bytes() / 2**30:.1f} GiB available"})
                     print(f"{name:>16}: skipped (needs {estimate / 2**30:.1f} GiB)", flush=True)
                     continue
+            print(f"{name:>16}: measuring ({len(rows) + 1}/{total}, {time.perf_counter() - started:.0f} s so far) ...",
+                  flush=True)
             measured = run_child(stage, args)
             planned = _plan(spec, input_shape, t, d, batch, workers, measured["baseline_anon_bytes"], device).stage(name)
             bounds = None
@@ -342,10 +395,13 @@ def bench(spec: str, *, t: int, d: int, batch: int, stages: tuple[str, ...], fol
             row = _row(name, planned, measured, bounds)
             rows.append(row)
             print(_format_row(row), flush=True)
+            warning = report_spread(f"{name} x SGD", row.get("step_vs_sgd_rounds", []))
+            if warning:
+                warnings.append(warning)
     from pipelines.provenance import provenance
 
-    return {"model": spec, "t": t, "d": d, "batch": batch, "workers": workers, "floor": floor, "rows": rows,
-            "provenance": provenance()}
+    return {"model": spec, "t": t, "d": d, "batch": batch, "workers": workers, "steps": steps, "rounds": rounds,
+            "floor": floor, "rows": rows, "warnings": warnings, "provenance": provenance()}
 
 
 def _format_row(r: dict[str, Any]) -> str:
@@ -359,10 +415,15 @@ def _format_row(r: dict[str, Any]) -> str:
     if "floor_seconds" in r:
         text += f" (floor {r['floor_seconds']:.1f} s)"
     if "step_vs_sgd" in r:
-        text += f", step {r['step_seconds'] * 1e3:.0f} ms = {r['step_vs_sgd']:.2f}x SGD"
+        text += f", step {r['step_seconds'] * 1e3:.0f} ms = {r['step_vs_sgd']:.2f}x SGD{_spread(r)}"
     if "gpu_ratio" in r:
         text += f", peak GPU {r['peak_gpu_bytes'] / g:.2f} GiB (plan x{r['gpu_ratio']:.2f})"
     return text
+
+
+def _spread(r: dict[str, Any]) -> str:
+    runs = r.get("step_vs_sgd_rounds", [])
+    return f", {min(runs):.2f}-{max(runs):.2f} over {len(runs)} rounds" if len(runs) > 1 else ""
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -376,7 +437,7 @@ def format_table(result: dict[str, Any]) -> str:
         disk = (f"{r['plan_disk_bytes'] / g:.3f} | {r['disk_bytes'] / g:.3f} | {r['disk_ratio']:.3f}"
                 if "disk_bytes" in r else "| |")
         when = (f"{r['seconds']:.1f} s" if "seconds" in r else
-                f"{r['step_seconds'] * 1e3:.0f} ms/step ({r['step_vs_sgd']:.2f}x SGD)")
+                f"{r['step_seconds'] * 1e3:.0f} ms/step ({r['step_vs_sgd']:.2f}x SGD{_spread(r)})")
         if "floor_seconds" in r:
             when += f" (floor {r['floor_seconds']:.1f} s)"
         lines.append(f"| {r['stage']} | {r['plan_host_peak_bytes'] / g:.3f} | {r['peak_anon_bytes'] / g:.3f} | "
@@ -396,28 +457,45 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(CHILDREN[argv[1]](json.loads(argv[2]))))
         return 0
-    parser = argparse.ArgumentParser(prog="trajstore bench", description=__doc__.split("\n\n")[0])
+    from trajstore.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="trajstore bench", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="wrn-40-10 | resnet20 | torchvision:resnet50 | package.module:factory | ...")
-    parser.add_argument("--suite", default=None, choices=("goals", "append", "basis", "step"),
-                        help="instead of a model: the goal figures of the earlier issues (goals) or one part of "
-                             "them; the suite's own options follow (e.g. --suite goals --repeats 3)")
-    parser.add_argument("--snapshots", type=int, default=101, help="T (default 101)")
-    parser.add_argument("--dim", type=int, default=40, help="D (default 40)")
-    parser.add_argument("--batch", type=int, default=8, help="batch of the training steps (default 8)")
-    parser.add_argument("--input-shape", default=None, help="e.g. 3,224,224 (for package.module:factory)")
+    parser.add_argument("model", nargs="?",
+                        help="wrn-40-10 | resnet20 | torchvision:resnet50 | package.module:factory | ... "
+                             "(needed unless --suite)")
+    parser.add_argument("--suite", default=None, choices=SUITES, metavar="SUITE",
+                        help="instead of a model, a benchmark suite: goals (append throughput vs the disk, the DLDR "
+                             "basis at 1M to 55.9M parameters vs the floor and the official approach, P+-BFGS step "
+                             "time vs SGD; 18 min on the 2-core machine of benchmarks/README.md, after building "
+                             "stores of up to 23 GB the first time) or one part of it: append, basis, step. The "
+                             "suite's own options follow: trajstore bench --suite goals --help")
+    parser.add_argument("--snapshots", type=int, default=101, metavar="T", help="snapshots of the synthetic trajectory")
+    parser.add_argument("--dim", type=int, default=40, metavar="D", help="directions of the basis")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the training steps")
+    parser.add_argument("--input-shape", default=None, metavar="C,H,W",
+                        help="e.g. 3,224,224 (default: the model's own; needed for package.module:factory)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
-    parser.add_argument("--steps", type=int, default=3, help="P+-BFGS and SGD steps per train mode")
-    parser.add_argument("--workers", type=int, default=None, help="threads of the DLDR passes (default: CPUs)")
-    parser.add_argument("--floor", action="store_true", help="also measure the machine's floor")
-    parser.add_argument("--device", default="cpu", help="where the model trains: cpu or cuda (peak GPU memory too)")
-    parser.add_argument("--dir", default=None, help="folder for the synthetic store (default: a temporary one)")
+    parser.add_argument("--steps", type=int, default=3, help="timed P+-BFGS steps, and SGD steps, per round of a train mode")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --steps steps per train mode; x SGD is the median of the rounds' ratios, "
+                             "and a spread over 1.5x between rounds is reported as a warning")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="threads of the DLDR passes (default: one per CPU)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the machine's floor (1 GiB written and read back, memory copy, GEMM) and "
+                             "the lower bound it gives each stage")
+    parser.add_argument("--device", default="cpu", help="where the model trains: cpu, or cuda[:N], which also measures peak GPU memory")
+    parser.add_argument("--dir", default=None, metavar="DIR",
+                        help="folder for the synthetic store (default: a temporary folder, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the store")
-    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="also write the result, with provenance, as JSON to FILE (default: print only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -427,12 +505,16 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise SystemExit(f"unknown stages {bad}; choose from {', '.join(STAGES)}")
+    for option, value in (("--steps", args.steps), ("--rounds", args.rounds)):
+        if value < 1:
+            raise SystemExit(f"trajstore bench: {option} must be >= 1, got {value}")
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="trajstore-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         result = bench(args.model, t=args.snapshots, d=args.dim, batch=args.batch, stages=stages, folder=folder,
-                       input_shape=shape, workers=args.workers, steps=args.steps, with_floor=args.floor,
+                       input_shape=shape, workers=args.workers, steps=args.steps, rounds=args.rounds,
+                       with_floor=args.floor,
                        device=args.device)
     finally:
         if not args.keep:
@@ -440,6 +522,8 @@ def run(args: argparse.Namespace) -> int:
             if not args.dir:
                 shutil.rmtree(folder, ignore_errors=True)
     print(format_table(result))
+    for warning in result["warnings"]:  # again under the table, where a reader looks for the figures
+        print(f"warning: {warning}", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_json(result, Path(args.out))

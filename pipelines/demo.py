@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from trajstore import TrajectoryStore, dldr
+from trajstore._progress import progress_bar
 from trajstore.info import format_info, store_info
 from trajstore.plots import plot_basis
 
@@ -39,6 +39,7 @@ class DemoConfig:
     momentum: float = 0.9
     storage_dtype: str = "float32"
     dim: int = 5                  # directions of the DLDR basis of the whole trajectory
+    threads: int = 1              # torch CPU threads: a model this small runs fastest on one
 
 
 def make_data(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +52,7 @@ def make_data(cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main(cfg: DemoConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "trajectory.zarr"
@@ -65,7 +67,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     with TrajectoryStore.create(path, model, storage_dtype=cfg.storage_dtype, attrs={"config": asdict(cfg)}) as store:
         store.append(model, step=0, epoch=0, lr=cfg.lr)  # snapshot 0 = the initialization
         step = 0
-        for epoch in tqdm(range(1, cfg.epochs + 1), desc="demo: SGD epochs", unit="epoch"):
+        for epoch in progress_bar(range(1, cfg.epochs + 1), desc="demo: SGD epochs", unit="epoch"):
             model.train()
             total, correct, loss_sum = 0, 0, 0.0
             for idx in torch.randperm(cfg.samples, generator=g).split(cfg.batch_size):

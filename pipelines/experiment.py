@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import resource
+import shutil
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,223 +38,22 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm.auto import tqdm
 
 import trajstore
 from trajstore import TrajectoryStore, dldr
-from trajstore.errors import InvalidStoreError, LayoutMismatchError
-from trajstore.layout import Layout
+from trajstore._progress import progress_bar
 from trajstore.recorder import Recorder
 
 from . import data as datasets
-from . import ranks
+from . import ranks, status
 from .atomic import save_json, save_torch
 from .models import build_model
 
 __all__ = ["METHODS", "ExperimentConfig", "run", "run_seed", "sample", "compute_basis", "train_subspace",
            "projection_accuracy", "load_config", "config_from_store", "check_store_model"]
 
-METHODS = ("pbfgs", "pbfgs+", "psgd")
-STORE = "trajectory.zarr"
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """One experiment. The families override the defaults; ``trajstore run NAME --set k=v`` too."""
-
-    name: str = "experiment"
-    out: str | None = None             # run folder (default runs/NAME)
-    # -- data and model
-    data: str = "mnist1d"              # mnist1d | digits | cifar10 | cifar100 | imagefolder:PATH
-    data_root: str | None = None       # folder holding CIFAR (python version); nothing is downloaded
-    label_noise: float = 0.0           # fraction of training labels replaced by another class
-    augment: bool = True               # CIFAR: random 4-pixel pad + crop and horizontal flip
-    model: str = "cnn1d"               # see pipelines.models.build_model
-    # -- the SGD run: baseline and sampled trajectory (paper: batch 128, momentum 0.9, wd 5e-4)
-    optimizer: str = "sgd"             # "sgd" or "adam"
-    lr: float = 0.1                    # paper: 0.1 for SGD, 1e-3 for Adam
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    epochs: int = 100                  # the full SGD run, the baseline of the comparison
-    milestones: tuple[int, ...] = (50, 75)  # step decay: lr *= gamma at these epochs
-    gamma: float = 0.1
-    sample_epochs: int = 30            # snapshots are taken during the first sample_epochs epochs
-    snapshot_every: int = 0            # steps between snapshots; 0 = one snapshot per epoch
-    storage_dtype: str = "float32"
-    # -- DLDR and the subspace optimizers
-    dim: int = 40                      # d, the dimension of the subspace
-    methods: tuple[str, ...] = ("pbfgs", "pbfgs+", "psgd")
-    subspace_epochs: int = 20          # at most a quarter of epochs, as in the paper
-    subspace_batch_size: int = 1024
-    psgd_lr: float = 0.1               # P-SGD (momentum 0.9) step size on the coordinates
-    residual_lr: float = 0.01          # P+-BFGS: SGD with momentum 0.9 on the residual gradient
-    basis_mode: str = "auto"           # resident | mmap | stream | auto (see DeviceBasis)
-    shard_basis: bool = False          # several processes: each holds 1/N of U's rows (see DeviceBasis)
-    # -- evaluation and running
-    projection_k: int = 5              # Figure 2b: projection onto the top k directions
-    projection_snapshots: int = 0      # snapshots evaluated for Figure 2b (0 = all of the window)
-    eval_batch_size: int = 1024
-    device: str = "auto"               # auto = cuda when there is one, else cpu
-    num_workers: int = 0               # DataLoader workers (image data sets)
-    threads: int = 0                   # torch CPU threads (0 = torch's default)
-    seed: int = 0                      # first seed; seeds run seed, seed + 1, ...
-    seeds: int = 1
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"unknown methods {bad}; choose among {', '.join(METHODS)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if not 0 < self.sample_epochs <= self.epochs:
-            raise ValueError(f"sample_epochs must be in 1..epochs={self.epochs}, got {self.sample_epochs}")
-        for name in ("epochs", "batch_size", "dim", "subspace_batch_size", "eval_batch_size", "seeds", "projection_k"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.snapshot_every < 0 or self.subspace_epochs < 0:
-            raise ValueError("snapshot_every and subspace_epochs must be >= 0")
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.out or f"runs/{self.name}")
-
-    def with_overrides(self, **changes: Any) -> ExperimentConfig:
-        """A copy with fields changed; strings are parsed to each field's type (``--set k=v``)."""
-        names = [f.name for f in fields(self)]
-        parsed = {}
-        for key, value in changes.items():
-            if key not in names:
-                raise ValueError(f"{type(self).__name__} has no field {key!r}; fields: {', '.join(names)}")
-            parsed[key] = _parse(value, getattr(self, key)) if isinstance(value, str) else value
-        return type(self)(**{**asdict(self), **parsed})
-
-    def to_json(self) -> dict[str, Any]:
-        return {"class": type(self).__name__, **asdict(self)}
-
-
-def _parse(text: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(current, tuple):
-        items = [s for s in text.replace(" ", "").split(",") if s]
-        return tuple(int(s) if s.lstrip("-").isdigit() else s for s in items)
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    return None if text.lower() == "none" else text
-
-
-def load_config(doc: dict[str, Any]) -> ExperimentConfig:
-    """The config recorded in a store or a result file (JSON, lists back to tuples)."""
-    known = {f.name for f in fields(ExperimentConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in known}
-    return ExperimentConfig(**values)
-
-
-# ---------------------------------------------------------- a config read from a store (hostile input)
-
-# What each field of a config read from a store may hold, beyond its type: the checks run before
-# anything is built from it, so a store cannot ask for a model, a batch or a thread pool that does
-# not fit (bounds wider than any experiment's).
-_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
-    "label_noise": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "lr": (lambda v: 0 < v <= 1e3, "in (0, 1000]"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: 0 <= v <= 1e3, "in [0, 1000]"),
-    "gamma": (lambda v: 0 < v <= 1e3, "in (0, 1000]"),
-    "psgd_lr": (lambda v: 0 < v <= 1e3, "in (0, 1000]"),
-    "residual_lr": (lambda v: 0 <= v <= 1e3, "in [0, 1000]"),
-    "epochs": (lambda v: 1 <= v <= 10**6, "in [1, 10**6]"),
-    "sample_epochs": (lambda v: 1 <= v <= 10**6, "in [1, 10**6]"),
-    "subspace_epochs": (lambda v: 0 <= v <= 10**6, "in [0, 10**6]"),
-    "batch_size": (lambda v: 1 <= v <= 2**24, "in [1, 2**24]"),
-    "subspace_batch_size": (lambda v: 1 <= v <= 2**24, "in [1, 2**24]"),
-    "eval_batch_size": (lambda v: 1 <= v <= 2**24, "in [1, 2**24]"),
-    "snapshot_every": (lambda v: 0 <= v <= 2**31, "in [0, 2**31]"),
-    "dim": (lambda v: 1 <= v <= 10**5, "in [1, 10**5]"),
-    "projection_k": (lambda v: 1 <= v <= 10**5, "in [1, 10**5]"),
-    "projection_snapshots": (lambda v: 0 <= v <= 2**31, "in [0, 2**31]"),
-    "num_workers": (lambda v: 0 <= v <= 256, "in [0, 256]"),
-    "threads": (lambda v: 0 <= v <= 4096, "in [0, 4096]"),
-    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
-    "seeds": (lambda v: 1 <= v <= 10**4, "in [1, 10**4]"),
-    "milestones": (lambda v: len(v) <= 1000 and all(0 <= m <= 10**6 for m in v), "epochs in [0, 10**6]"),
-    "methods": (lambda v: 1 <= len(v) <= len(METHODS) and set(v) <= set(METHODS), f"among {', '.join(METHODS)}"),
-    "optimizer": (lambda v: v in ("sgd", "adam"), "'sgd' or 'adam'"),
-    "storage_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
-    "basis_mode": (lambda v: v in ("auto", "resident", "mmap", "stream"), "auto, resident, mmap or stream"),
-    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", v, re.ASCII) is not None,
-               "auto, cpu, mps, cuda or cuda:N"),
-    "data": (lambda v: v in ("mnist1d", "digits", "cifar10", "cifar100") or v.startswith("imagefolder:"),
-             "mnist1d, digits, cifar10, cifar100 or imagefolder:PATH"),
-}
-# The type each annotation asks for (int accepts no bool; float accepts an int).
-_FIELD_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "str | None": (str, type(None)),
-                "tuple[int, ...]": (int,), "tuple[str, ...]": (str,)}
-
-
-def _check_field(name: str, annotation: str, value: Any) -> Any:
-    bad = f"the store's experiment config has {name} = {value!r:.100}: "
-    kinds = _FIELD_TYPES[annotation]
-    if annotation.startswith("tuple"):
-        if not isinstance(value, (list, tuple)) or not all(type(v) in kinds for v in value):
-            raise InvalidStoreError(f"{bad}expected a list of {kinds[0].__name__}")
-        value = tuple(value)
-    elif type(value) not in kinds:
-        raise InvalidStoreError(f"{bad}expected {annotation}, got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidStoreError(f"{bad}expected a finite number")
-    if isinstance(value, str) and len(value) > 4096:
-        raise InvalidStoreError(f"{bad}a string of {len(value)} characters")
-    check = _FIELD_CHECKS.get(name)
-    if check is not None and value is not None and not check[0](value):
-        raise InvalidStoreError(f"{bad}expected {check[1]}")
-    return value
-
-
-def config_from_store(doc: object) -> ExperimentConfig:
-    """The config a store's ``attrs["experiment"]`` records (by ``trajstore sample``), checked
-    field by field before anything is built from it: each value of its field's type, numbers
-    finite and in range (:data:`_FIELD_CHECKS`), the model a name of :data:`MODEL_NAMES`.
-    Unknown keys are ignored (a newer trajstore may record more). Raises InvalidStoreError
-    naming the field and its value."""
-    from .models import parse_model_name
-
-    if not isinstance(doc, dict):
-        raise InvalidStoreError(f"the store's experiment config must be a JSON object, got {type(doc).__name__}")
-    values = {f.name: _check_field(f.name, str(f.type), doc[f.name]) for f in fields(ExperimentConfig) if f.name in doc}
-    if "model" in values:
-        try:
-            parse_model_name(values["model"])
-        except ValueError as e:
-            raise InvalidStoreError(f"the store's experiment config has model = {values['model']!r:.100}: {e}") from e
-    try:
-        return ExperimentConfig(**values)
-    except ValueError as e:  # fields inconsistent with each other (sample_epochs > epochs)
-        raise InvalidStoreError(f"the store's experiment config is inconsistent: {e}") from e
-
-
-def check_store_model(cfg: ExperimentConfig, layout: Layout) -> None:
-    """Build ``cfg``'s model on torch's ``meta`` device (shapes only: no memory, whatever its size)
-    and check it is the model the store holds: the same parameter count ``n``, then the same
-    layout fingerprint (names, shapes, dtypes). Raises LayoutMismatchError naming the model, or
-    ValueError for a model or data name outside the registry."""
-    num_classes, input_shape = datasets.signature(cfg.data)
-    with torch.device("meta"):
-        model = build_model(cfg.model, num_classes, input_shape)
-    n = sum(p.numel() for p in model.parameters())
-    if n != layout.n:
-        raise LayoutMismatchError(f"model {cfg.model!r} for {cfg.data!r} has {n:,} parameters but the store's "
-                                  f"layout has n = {layout.n:,}: the store does not hold that model")
-    fingerprint = Layout.from_model(model, allow_meta=True).fingerprint
-    if fingerprint != layout.fingerprint:
-        raise LayoutMismatchError(f"model {cfg.model!r} for {cfg.data!r} has the store's {n:,} parameters but "
-                                  f"other names, shapes or dtypes (layout fingerprint {fingerprint}, the store's "
-                                  f"{layout.fingerprint})")
+from .config import (  # noqa: F401  (re-exported: pipelines.experiment.ExperimentConfig ...)
+    METHODS, STORE, ExperimentConfig, check_store_model, config_from_store, load_config)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -343,12 +141,16 @@ class _Setup:
     """Data, device and a model factory for one seed of an experiment."""
 
     def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
-        if cfg.threads or ranks.world() > 1:
-            torch.set_num_threads(cfg.threads or ranks.default_threads())
         self.cfg, self.seed, self.device = cfg, seed, _device(cfg)
         data = datasets.load(cfg.data, root=cfg.data_root, label_noise_fraction=cfg.label_noise, seed=seed,
                              augment=cfg.augment)
         self.num_classes, self.input_shape = data.num_classes, data.input_shape
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        elif self.device.type == "cpu":  # threads = 0: one for a small model, else the cores shared out
+            torch.set_num_threads(ranks.threads_for(cfg.model, self.num_classes, self.input_shape, cfg.batch_size))
+        elif ranks.world() > 1:
+            torch.set_num_threads(ranks.default_threads())
         self.train, self.test = _on_device(data.train, self.device), _on_device(data.test, self.device)
 
     def model(self) -> nn.Module:
@@ -372,7 +174,8 @@ def _sampler(cfg: ExperimentConfig, model: nn.Module) -> tuple[torch.optim.Optim
 def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None = None) -> dict[str, Any]:
     """Train with SGD (or Adam) for ``cfg.epochs`` epochs, recording snapshots into
     ``folder/trajectory.zarr`` during the first ``cfg.sample_epochs`` (snapshot 0 = the
-    initialization). Writes ``folder/sgd.pt`` (the final model's state_dict) and then
+    initialization, or the model after ``cfg.pretrain_epochs`` more epochs before the first, see
+    :func:`_pretrain`). Writes ``folder/sgd.pt`` (the final model's state_dict) and then
     ``folder/sgd.json``; resumes from ``folder/sgd.ckpt.pt``."""
     done, ckpt_path = folder / "sgd.json", folder / "sgd.ckpt.pt"
     if done.exists():
@@ -391,15 +194,21 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
+        _say(f"seed {seed}: resuming {cfg.optimizer.upper()} after epoch {state['epoch']} of {cfg.epochs} "
+             f"({state['next_snapshot']} snapshots recorded)")
+    status.enter(cfg.optimizer.upper(), seed)
     net = ranks.wrap(model)  # DDP on several processes: gradients averaged over the ranks
+    if ckpt is None and cfg.pretrain_epochs:  # redone after a kill before the first checkpoint (same bytes on a CPU)
+        state["pretrain"] = _pretrain(cfg, setup, seed, model, net, opt)
     recorder = Recorder(folder / STORE, model, resume=True,
                         create_options={"storage_dtype": cfg.storage_dtype,
                                         "attrs": {"experiment": cfg.to_json(), "seed": seed}})
     base = dict(state["recorder"])
-    bar = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc=f"seed {seed}: {cfg.optimizer.upper()}",
-               unit="epoch", initial=state["epoch"], total=cfg.epochs, disable=not ranks.is_main())
+    bar = progress_bar(range(state["epoch"] + 1, cfg.epochs + 1), desc=f"seed {seed}: {cfg.optimizer.upper()}",
+                       unit="epoch", initial=state["epoch"], total=cfg.epochs, disable=not ranks.is_main())
     try:
         for epoch in bar:
+            status.epoch(epoch, cfg.epochs)
             started = time.perf_counter()
             gen = _reseed(seed, "sample", epoch)
             model.train()
@@ -441,12 +250,46 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
               "sampling": {"copy_seconds": rec["copy"], "wait_seconds": rec["wait"], "write_seconds": rec["write"],
                            "overhead_seconds": rec["copy"] + rec["wait"],
                            "overhead_fraction": (rec["copy"] + rec["wait"]) / max(state["seconds"], 1e-9)},
-              **_peak_memory(setup.device)}
+              **({"pretrain": state["pretrain"]} if "pretrain" in state else {}), **_peak_memory(setup.device)}
     _save_atomic(model.state_dict(), folder / "sgd.pt")  # the baseline's final model
     _save_atomic(result, done)
     _remove(ckpt_path)
     ranks.barrier()  # the other ranks go on once rank 0 has written the stage's files
     return result
+
+
+def _pretrain(cfg: ExperimentConfig, setup: _Setup, seed: int, model: nn.Module, net: nn.Module,
+              opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``cfg.pretrain_epochs`` epochs of the sampling optimizer at its first learning rate (the
+    scheduler does not step) before snapshot 0 is recorded, so the trajectory, and P-BFGS, which
+    restarts from snapshot 0, begin at the pre-trained point; the sampling run's epochs,
+    milestones and snapshot steps then count from it, and the momentum carries over. The paper
+    pre-trains MobileNet and Inception-v4 for one epoch. Each epoch reseeds from
+    (seed, "pretrain", epoch). Returns the per-epoch losses and the test accuracy reached."""
+    started, steps, history = time.perf_counter(), 0, []
+    for epoch in range(1, cfg.pretrain_epochs + 1):
+        gen = _reseed(seed, "pretrain", epoch)
+        model.train()
+        loss_sum, count = 0.0, 0
+        for x, y, rows in _train_batches(setup, cfg.batch_size, gen, cfg.num_workers):
+            opt.zero_grad(set_to_none=True)
+            loss = ranks.scaled_loss(net(x), y, rows)
+            loss.backward()
+            opt.step()
+            steps += 1
+            loss_sum += loss.item() * rows / ranks.world()
+            count += len(y)
+        loss_sum, count = ranks.all_sum([loss_sum, count])
+        history.append({"epoch": epoch, "train_loss": loss_sum / count})
+    test_loss, test_acc = evaluate(model, setup.test, cfg, setup.device)
+    return {"epochs": cfg.pretrain_epochs, "steps": steps, "history": history, "test_loss": test_loss,
+            "test_acc": test_acc, "seconds": time.perf_counter() - started}
+
+
+def _say(text: str) -> None:
+    """A line for the user, from the main process only."""
+    if ranks.is_main():
+        print(text, flush=True)
 
 
 def _remove(path: Path) -> None:
@@ -481,6 +324,7 @@ def compute_basis(cfg: ExperimentConfig, folder: Path, sampled: dict[str, Any]) 
     """The DLDR basis of every snapshot of the sampling window (cached in the store)."""
     started = time.perf_counter()
     window = sampled["snapshots"]
+    status.enter("the basis", sampled.get("seed"))
     if ranks.is_main():
         dldr(folder / STORE, cfg.dim, stop=window, name=f"window-d{cfg.dim}", progress=True)
     ranks.barrier()  # every rank opens the basis rank 0 computed (dldr finds it complete)
@@ -534,12 +378,15 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+        _say(f"seed {seed}: resuming {tag} after epoch {state['epoch']} of {epochs}")
+    status.enter(tag, seed)
     net = ranks.wrap(model)
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
-    bar = tqdm(range(state["epoch"] + 1, epochs + 1), desc=f"seed {seed}: {tag}", unit="epoch",
-               initial=state["epoch"], total=epochs, disable=not ranks.is_main())
+    bar = progress_bar(range(state["epoch"] + 1, epochs + 1), desc=f"seed {seed}: {tag}", unit="epoch",
+                       initial=state["epoch"], total=epochs, disable=not ranks.is_main())
     for epoch in bar:
+        status.epoch(epoch, epochs)
         started = time.perf_counter()
         gen = _reseed(seed, tag, epoch)
         model.train()
@@ -605,9 +452,10 @@ def projection_accuracy(cfg: ExperimentConfig, folder: Path, seed: int, basis: t
     if cfg.projection_snapshots and cfg.projection_snapshots < len(picks):
         picks = np.unique(np.linspace(basis.start, basis.stop - 1, cfg.projection_snapshots).round().astype(int))
     rows = []
+    status.enter(f"the projections (k={k})", seed)
     with TrajectoryStore.open(folder / STORE, trajectory=basis.trajectory) as store:
-        for j in tqdm(picks, desc=f"seed {seed}: projections (k={k})", unit="snapshot",
-                      disable=not ranks.is_main()):
+        for j in progress_bar(picks, desc=f"seed {seed}: projections (k={k})", unit="snapshot",
+                              disable=not ranks.is_main()):
             store.load_into(model, int(j))
             _, acc = evaluate(model, setup.test, cfg, setup.device)
             projected = torch.from_numpy(mean + uk @ coords[j - basis.start]).to(setup.device)
@@ -641,14 +489,32 @@ _RUNTIME_FIELDS = ("class", "out", "seed", "seeds", "threads", "num_workers", "e
 
 
 def _check_folder(cfg: ExperimentConfig) -> None:
+    """Claim ``cfg.folder`` for this config: a new folder, the same config's (a resumed run), or
+    one whose run of another config never finished an epoch of any stage (a failed first try:
+    its leftovers are removed and it starts over). A folder with finished work of another config
+    is refused, naming the fields that differ, with both values."""
+    from .validate import ConfigError
+
     path = cfg.folder / "config.json"
     mine = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in _RUNTIME_FIELDS}
     if path.exists():
         theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _RUNTIME_FIELDS}
-        if theirs != mine:
+        if theirs == mine:
+            if any(cfg.folder.glob("seed-*/*.json")) or any(cfg.folder.glob("seed-*/*.ckpt.pt")):
+                print(f"{cfg.folder}: resuming the run of this config (finished stages are read back)", flush=True)
+        else:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise SystemExit(f"{cfg.folder} holds a run of a different config (differs in {', '.join(diff)}); "
-                             "choose another --out or remove the folder")
+            done = sorted(str(p.relative_to(cfg.folder)) for p in [*cfg.folder.glob("seed-*/*.json"),
+                                                                    *cfg.folder.glob("seed-*/*.ckpt.pt")])
+            if done:
+                what = ", ".join(f"{k}={theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff[:4])
+                raise ConfigError(f"{cfg.folder} holds work of another config ({what}; {len(done)} finished "
+                                  f"file(s) such as {done[0]}): use --out OTHER, remove the folder, or run that "
+                                  "config to resume it")
+            for leftover in cfg.folder.glob("seed-*"):  # a first try that finished nothing
+                shutil.rmtree(leftover, ignore_errors=True)
+            print(f"{cfg.folder}: the earlier run there (differing in {', '.join(diff)}) finished nothing; "
+                  "starting over with this config", flush=True)
     cfg.folder.mkdir(parents=True, exist_ok=True)
     _save_atomic(cfg.to_json(), path)
 

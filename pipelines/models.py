@@ -8,12 +8,17 @@
   WRN-40-10 on CIFAR-100 has 55.9M parameters, the paper's Table 3;
 - ``inception-v4``: Inception-v4 of Szegedy et al. (2017), 41.3M parameters on CIFAR-100
   (Table 3), with "same" padding in the stem so that 32 x 32 inputs keep a spatial extent;
+- the other nine CIFAR-100 models of Table 3, by their pytorch-cifar100 names: ``vgg11_bn``,
+  ``mobilenet``, ``densenet121``, ``xception``, ``googlenet``, ``shufflenetv2``, ``squeezenet``,
+  ``seresnet18``, ``nasnet`` (defined, with their parameter counts, in :mod:`pipelines.table3`);
 - ``torchvision:NAME``: any ``torchvision.models`` constructor (no pretrained weights).
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from .table3 import TABLE3
 
 __all__ = ["CNN1d", "CifarResNet", "InceptionV4", "MLP", "MODEL_NAMES", "WideResNet", "build_model",
            "parse_model_name", "resolve_model"]
@@ -243,8 +248,10 @@ MODEL_NAMES: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
     "resnet": (r"resnet(\d+)", ((2, 1202),)),                    # depth 6k + 2 (He et al. went to 1202)
     "wrn": (r"wrn-(\d+)-(\d+)", ((4, 1000), (1, 64))),           # depth 6k + 4, width
     "inception-v4": (r"inception-v4", ()),
+    **{name: (name, ()) for name in TABLE3},                     # vgg11_bn, mobilenet, ... (pipelines.table3)
 }
-_EXPECTED = "'mlp[-WIDTH]', 'cnn1d[-CHANNELS]', 'resnetDEPTH', 'wrn-DEPTH-WIDTH', 'inception-v4' or 'torchvision:NAME'"
+_EXPECTED = ("'mlp[-WIDTH]', 'cnn1d[-CHANNELS]', 'resnetDEPTH', 'wrn-DEPTH-WIDTH', 'inception-v4', "
+             + ", ".join(f"'{name}'" for name in TABLE3) + " or 'torchvision:NAME'")
 
 
 def parse_model_name(name: object) -> tuple[str, tuple[int, ...]]:
@@ -291,6 +298,8 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] =
         return WideResNet(values[0], values[1], num_classes)
     if family == "inception-v4":
         return InceptionV4(num_classes, input_shape[0])
+    if family in TABLE3:
+        return TABLE3[family](num_classes, input_shape[0])
     import torchvision
 
     return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
@@ -298,7 +307,8 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple[int, ...] =
 
 def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
     """A model and its input shape from a spec: a built-in name as trained by the pipelines
-    (``resnetDEPTH`` on CIFAR-10; ``wrn-*`` and ``inception-v4`` on CIFAR-100, as in Table 3;
+    (``resnetDEPTH`` on CIFAR-10; ``wrn-*``, ``inception-v4`` and the other names of Table 3
+    (:data:`pipelines.table3.TABLE3`) on CIFAR-100;
     ``cnn1d`` on MNIST-1D; ``mlp`` on digits), ``torchvision:NAME`` (1,000 classes, 3 x 224 x 224)
     or ``package.module:factory`` (called with no arguments; give ``input_shape``)."""
     import importlib
@@ -315,7 +325,7 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> tupl
         if not isinstance(model, nn.Module):
             raise ValueError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
         return model, input_shape
-    if spec.startswith(("wrn-", "inception")):
+    if spec.startswith(("wrn-", "inception")) or spec in TABLE3:
         return build_model(spec, 100), input_shape or (3, 32, 32)
     if spec.startswith("cnn1d"):
         return build_model(spec, 10, input_shape or (40,)), input_shape or (40,)

@@ -75,6 +75,25 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // world())
 
 
+# A training batch whose activations take less than this runs fastest on one CPU thread: the
+# per-operation threading overhead exceeds the work (the demo's MLP, MNIST-1D's CNN, digits' MLP).
+SMALL_BATCH_BYTES = 32 * 2**20
+
+
+def threads_for(model_name: str, num_classes: int, input_shape: tuple[int, ...], batch_size: int) -> int:
+    """CPU threads per rank for training ``model_name``: 1 when a training batch's activations
+    (measured on torch's meta device: nothing allocated) are under SMALL_BATCH_BYTES, else the
+    cores shared out (:func:`default_threads`)."""
+    from trajstore.plan import activation_bytes
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_name, num_classes, input_shape)
+    small = activation_bytes(model, input_shape, batch_size) < SMALL_BATCH_BYTES
+    return 1 if small else default_threads()
+
+
 def scaled_loss(logits: torch.Tensor, y: torch.Tensor, global_rows: int) -> torch.Tensor:
     """Cross-entropy over this rank's rows scaled so the mean over ranks is the global batch's mean."""
     if world() == 1:
@@ -120,7 +139,7 @@ def check_split(dataset: Dataset[Any], batch_size: int, what: str) -> None:
     n = len(dataset)  # type: ignore[arg-type]
     last = n % batch_size or batch_size
     if min(batch_size, last) < world():
-        raise SystemExit(f"trajstore: error: {what}: a global batch of {min(batch_size, last)} rows cannot be split "
+        raise ValueError(f"{what}: a global batch of {min(batch_size, last)} rows cannot be split "
                          f"over {world()} processes (the {n} rows end in a batch of {last}); choose another batch size "
                          "or fewer processes")
 

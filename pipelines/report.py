@@ -7,13 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trajstore.plots import draw_explained_variance, draw_residuals, plural, rounding_level
+
 from .atomic import save_figure, save_json
 from .provenance import provenance
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
 
-__all__ = ["format_table", "summarize", "write_report"]
+__all__ = ["build_figures", "format_table", "redraw", "report_curves", "summarize", "write_figures", "write_report"]
 
 LABELS = {"sgd": "SGD", "pbfgs": "P-BFGS", "pbfgs+": "P+-BFGS", "psgd": "P-SGD"}
 COLORS = {"sgd": "tab:gray", "pbfgs": "tab:blue", "pbfgs+": "tab:red", "psgd": "tab:green"}
@@ -62,19 +64,24 @@ def format_table(cfg: ExperimentConfig, summary: dict[str, Any], seeds: int) -> 
     return "\n".join(lines)
 
 
-def write_report(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
-    out = cfg.folder
-    summary = summarize(cfg, per_seed)
-    curves = {"sgd": {k: _curves([s["sgd"]["history"] for s in per_seed], k) for k in ("test_acc", "test_loss", "train_loss", "train_acc")}}
+def report_curves(cfg: ExperimentConfig, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{method: {metric: {"mean": [...], "std": [...]}}}`` per epoch, over seeds, for sgd and each
+    subspace method that ran (``results.json``'s ``curves``)."""
+    keys = ("test_acc", "test_loss", "train_loss", "train_acc")
+    curves = {"sgd": {k: _curves([s["sgd"]["history"] for s in per_seed], k) for k in keys}}
     for method in cfg.methods:
         runs = [s["subspace"][method]["history"] for s in per_seed]
         if all(runs):
-            curves[method] = {k: _curves(runs, k) for k in ("test_acc", "test_loss", "train_loss", "train_acc")}
+            curves[method] = {k: _curves(runs, k) for k in keys}
+    return curves
+
+
+def write_report(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    out = cfg.folder
+    summary = summarize(cfg, per_seed)
+    curves = report_curves(cfg, per_seed)
     evr = np.asarray([s["basis"]["explained_variance_ratio"] for s in per_seed])
-    figures = [_plot_explained(cfg, evr, out / "explained_variance.png"),
-               _plot_accuracy(cfg, per_seed, curves, out / "accuracy.png"),
-               _plot_residuals(per_seed, out / "residuals.png"),
-               _plot_projection(per_seed, out / "projection.png")]
+    figures = write_figures(cfg, per_seed, curves, out)
     result = {"config": cfg.to_json(), "provenance": provenance(), "wall_seconds": wall_seconds,
               "summary": summary, "curves": curves,
               "explained_variance_ratio": {"mean": evr.mean(axis=0).tolist(), "explained_mean": float(evr.sum(axis=1).mean())},
@@ -86,6 +93,42 @@ def write_report(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], wall_sec
 
 
 # ------------------------------------------------------------------------------- figures
+#
+# Each figure is built (and returned) by one function and saved by write_figures, so a test can
+# read a figure's axes, scales and titles; every one carries the experiment's name in its suptitle.
+
+
+def build_figures(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], curves: dict[str, Any]) -> dict[str, Any]:
+    """The report's matplotlib Figures by file name, in the order ``results.json`` lists them.
+
+    ``per_seed`` is ``results.json``'s ``seeds`` and ``curves`` its ``curves`` (:func:`report_curves`).
+    The caller closes them (:func:`write_figures` does).
+    """
+    return {"explained_variance.png": _explained_figure(cfg, per_seed),
+            "accuracy.png": _accuracy_figure(cfg, per_seed, curves),
+            "residuals.png": _residuals_figure(cfg, per_seed),
+            "projection.png": _projection_figure(cfg, per_seed)}
+
+
+def write_figures(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], curves: dict[str, Any],
+                  folder: Path) -> list[Path]:
+    """Save :func:`build_figures` as PNG files in ``folder`` (each written whole, then renamed)."""
+    return [_save(fig, Path(folder) / name) for name, fig in build_figures(cfg, per_seed, curves).items()]
+
+
+def redraw(folder: str | Path) -> list[Path]:
+    """Draw a finished run's figures again from its ``results.json``, without training anything.
+
+    ``python -m pipelines.report RUN_FOLDER``; ``results.json`` itself is left as it is.
+    """
+    import json
+
+    from .experiment import load_config
+
+    folder = Path(folder)
+    doc = json.loads((folder / "results.json").read_text())
+    cfg = load_config(doc["config"])
+    return write_figures(cfg, doc["seeds"], doc["curves"], folder)
 
 
 def _pyplot() -> Any:
@@ -99,80 +142,94 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    _pyplot().close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
-def _plot_explained(cfg: ExperimentConfig, evr: np.ndarray, path: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    k = np.arange(1, evr.shape[1] + 1)
-    ax.bar(k, evr.mean(axis=0), yerr=evr.std(axis=0) if len(evr) > 1 else None, color="tab:blue", label="ratio")
-    ax2 = ax.twinx()
-    ax2.plot(k, np.cumsum(evr, axis=1).mean(axis=0), color="tab:red", marker=".")
-    ax2.set_ylim(0, 1.02)
-    ax2.set_ylabel("cumulative", color="tab:red")
-    ax.set_xlabel("principal direction")
-    ax.set_ylabel("explained variance ratio")
-    ax.set_title(f"{cfg.name}: top {cfg.dim} directions explain {evr.sum(axis=1).mean():.1%}")
-    return _save(fig, path)
+def _over(seeds: int) -> str:
+    """How a curve over seeds is summarized, for a title."""
+    return f"mean ± std over {seeds} seeds (shaded)" if seeds > 1 else "1 seed"
 
 
-def _band(ax: Any, x: np.ndarray, curve: dict[str, list[float]], color: str, label: str) -> None:
+def _window(per_seed: list[dict[str, Any]]) -> int:
+    start, stop = per_seed[0]["basis"]["window"]
+    return int(stop - start)
+
+
+def _explained_figure(cfg: ExperimentConfig, per_seed: list[dict[str, Any]]) -> Any:
+    evr = np.asarray([s["basis"]["explained_variance_ratio"] for s in per_seed], dtype=np.float64)
+    fig, ax = _pyplot().subplots(figsize=(7, 4.2))
+    draw_explained_variance(ax, evr, _window(per_seed))
+    fig.suptitle(f"{cfg.name}: explained variance of the {_window(per_seed)} sampled snapshots "
+                 f"({plural(len(per_seed), 'seed')})", fontsize=10)
+    return fig
+
+
+def _band(ax: Any, x: np.ndarray, curve: dict[str, list[float]], color: str, label: str, band: bool) -> None:
     mean, std = np.asarray(curve["mean"]), np.asarray(curve["std"])
     ax.plot(x, mean, color=color, label=label)
-    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    if band:  # one seed has no spread to shade
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
-def _plot_accuracy(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], curves: dict[str, Any], path: Path) -> Path:
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+def _accuracy_figure(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], curves: dict[str, Any]) -> Any:
+    seeds = len(per_seed)
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4.2), sharey=True)
     sgd = curves["sgd"]["test_acc"]
-    _band(left, np.arange(1, len(sgd["mean"]) + 1), sgd, COLORS["sgd"], "SGD")
-    left.axvspan(0, cfg.sample_epochs, color="tab:orange", alpha=0.15, label=f"sampling window ({per_seed[0]['basis']['window'][1]} snapshots)")
+    _band(left, np.arange(1, len(sgd["mean"]) + 1), sgd, COLORS["sgd"], "SGD", seeds > 1)
+    left.axvspan(0, cfg.sample_epochs, color="tab:orange", alpha=0.15,
+                 label=f"sampling window ({plural(_window(per_seed), 'snapshot')})")
     left.set_xlabel("epoch")
     left.set_ylabel("test accuracy (%)")
     left.set_title("SGD, with the sampled window shaded")
     left.legend(loc="lower right")
-    final = curves["sgd"]["test_acc"]["mean"][-1]
     for method in cfg.methods:
         if method in curves:
             acc = curves[method]["test_acc"]
-            _band(right, np.arange(1, len(acc["mean"]) + 1), acc, COLORS[method], LABELS[method])
-    right.axhline(final, color=COLORS["sgd"], linestyle="--", label=f"SGD after {cfg.epochs} epochs")
+            _band(right, np.arange(1, len(acc["mean"]) + 1), acc, COLORS[method], LABELS[method], seeds > 1)
+    right.axhline(sgd["mean"][-1], color=COLORS["sgd"], linestyle="--", label=f"SGD after {plural(cfg.epochs, 'epoch')}")
     right.set_xlabel("epoch in the subspace")
     right.set_title(f"{cfg.dim}-D subspace, from the same initialization")
     right.legend(loc="lower right")
-    fig.suptitle(f"{cfg.name}: mean +- std over {len(per_seed)} seed(s)", fontsize=10)
-    return _save(fig, path)
+    fig.suptitle(f"{cfg.name}: test accuracy, {_over(seeds)}", fontsize=10)
+    return fig
 
 
-def _plot_residuals(per_seed: list[dict[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for s in per_seed:
-        ax.plot(s["basis"]["residuals"], marker="o", ms=2, label=f"seed {s['seed']}")
-    ax.set_xlabel("snapshot")
-    ax.set_ylabel(r"$\|w - P w\| / \|w\|$ (centred)")
-    ax.set_title(f"residual of each snapshot outside the {per_seed[0]['basis']['d']}-D subspace")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    return _save(fig, path)
+def _residuals_figure(cfg: ExperimentConfig, per_seed: list[dict[str, Any]]) -> Any:
+    fig, ax = _pyplot().subplots(figsize=(7, 4.2))
+    # results.json keeps no snapshot norms, so the level is the stored basis' (float32) alone
+    draw_residuals(ax, [np.asarray(s["basis"]["residuals"]) for s in per_seed], rounding_level(),
+                   per_seed[0]["basis"]["d"], labels=[f"seed {s['seed']}" for s in per_seed])
+    fig.suptitle(f"{cfg.name}: how far each sampled snapshot lies from the subspace "
+                 f"({plural(len(per_seed), 'seed')})", fontsize=10)
+    return fig
 
 
-def _plot_projection(per_seed: list[dict[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+def _projection_figure(cfg: ExperimentConfig, per_seed: list[dict[str, Any]]) -> Any:
+    seeds = len(per_seed)
+    fig, ax = _pyplot().subplots(figsize=(7, 4.2))
     k = per_seed[0]["projection"]["k"]
-    for i, s in enumerate(per_seed):
-        rows = s["projection"]["snapshots"]
-        x = [r["snapshot"] for r in rows]
-        ax.plot(x, [r["test_acc"] for r in rows], color="tab:blue", alpha=0.8, label="snapshot" if i == 0 else None)
-        ax.plot(x, [r["projected_test_acc"] for r in rows], color="tab:red", alpha=0.8,
-                label=f"projection onto top {k}" if i == 0 else None)
+    rows = [s["projection"]["snapshots"] for s in per_seed]
+    x = np.asarray([r["snapshot"] for r in rows[0]])
+    for key, color, label in (("test_acc", "tab:blue", "snapshot"),
+                              ("projected_test_acc", "tab:red", f"its projection onto the top {k} directions")):
+        table = np.asarray([[r[key] for r in seed] for seed in rows], dtype=np.float64)
+        std = table.std(axis=0, ddof=1) if seeds > 1 else np.zeros(len(x))
+        _band(ax, x, {"mean": table.mean(axis=0).tolist(), "std": std.tolist()}, color, label, seeds > 1)
     ax.set_xlabel("snapshot")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Figure 2b: snapshots and their {k}-D projections")
+    ax.set_title(f"Figure 2b: each snapshot and its {k}-D projection", fontsize=10)
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    fig.suptitle(f"{cfg.name}: test accuracy, {_over(seeds)}", fontsize=10)
+    return fig
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m pipelines.report RUN_FOLDER   (draws the figures again from RUN_FOLDER/results.json)")
+    print("wrote", ", ".join(str(p) for p in redraw(sys.argv[1])))

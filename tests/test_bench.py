@@ -12,6 +12,7 @@ from pipelines.bench import bench, format_table
 from trajstore.cli import main
 
 
+@pytest.mark.slow
 def test_every_stage_is_measured_beside_the_plan(tmp_path: Path) -> None:
     result = bench("mlp", t=12, d=4, batch=16, stages=("sample", "gram", "basis", "train", "official"),
                    folder=tmp_path, steps=1)

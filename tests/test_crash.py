@@ -134,6 +134,7 @@ def test_second_writer_process_is_refused_while_the_first_lives(tmp_path: Path) 
         assert torch.equal(torch.from_numpy(store.snapshot(-1)), torch.from_numpy(pattern(len(store) - 1, N)))
 
 
+@pytest.mark.slow
 def test_writer_left_open_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
     # Regression: __del__ at shutdown once read writer.json through Zarr's event loop, which
     # deadlocked while the interpreter was exiting; the process never ended.

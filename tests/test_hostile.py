@@ -689,6 +689,7 @@ FUZZ = settings(deadline=None, derandomize=True, database=None,
 # ---------------------------------------------------------------- the fuzz tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", DOCS)
 def test_fuzz_memory_document(bases: Callable[[str], Base], key: str) -> None:
     base = bases(key)
@@ -702,6 +703,7 @@ def test_fuzz_memory_document(bases: Callable[[str], Base], key: str) -> None:
     case()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", LOCAL_DOCS)
 @settings(FUZZ, max_examples=LOCAL_EXAMPLES)
 @given(data=st.data())
@@ -711,6 +713,7 @@ def test_fuzz_local_document(base: Base, local: Path, key: str, data: st.DataObj
         run_case(base, key, dumps(doc), what, f"local {key}", zstore=LocalStore(local, read_only=True))
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=RAW_EXAMPLES)
 @given(data=st.data())
 def test_fuzz_raw_bytes(bases: Callable[[str], Base], data: st.DataObject) -> None:
@@ -724,6 +727,7 @@ def test_fuzz_raw_bytes(bases: Callable[[str], Base], data: st.DataObject) -> No
         assert readers.count == IGNORED[key]  # a log document that does not parse is skipped, not an error
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=DERIVED_EXAMPLES)
 @given(data=st.data())
 def test_fuzz_derived_data_is_recomputed(base: Base, data: st.DataObject) -> None:
@@ -733,6 +737,7 @@ def test_fuzz_derived_data_is_recomputed(base: Base, data: st.DataObject) -> Non
     run_case(base, key, dumps(doc), what, "derived", writes=True)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=VERIFY_EXAMPLES)
 @given(data=st.data())
 def test_fuzz_verify(bases: Callable[[str], Base], data: st.DataObject) -> None:
@@ -763,6 +768,7 @@ def test_fuzz_writer_lease_memory(base: Base, data: st.DataObject) -> None:
     CASES["writer memory"] += 1
 
 
+@pytest.mark.slow
 def test_fuzz_writer_lease_local(base: Base, tmp_path: Path) -> None:
     """On a local folder writer.json is read when the flock is held: to name the holder."""
     local = write_local(tmp_path / "store.zarr", base.files)  # a copy: opening to write adds a generation
@@ -1065,6 +1071,7 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.slow
 def test_planted_pickles_are_never_executed(bases: Callable[[str], Base], tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     payload = pickle.dumps(_Payload(marker))

@@ -349,6 +349,7 @@ def test_run_killed_anywhere_resumes_bit_for_bit(ran: tuple[Path, Timing], tmp_p
     assert not list(seed.glob("*.ckpt.pt"))  # finished stages leave no checkpoint behind
 
 
+@pytest.mark.slow
 def test_report_files_appear_only_by_rename(ran: tuple[Path, Timing], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # Regression (issue #7): results.json and the figures were written in place, so a run killed

@@ -231,6 +231,7 @@ def test_psgd_moves_only_in_the_subspace_and_converges() -> None:
         PSGD(model.parameters(), basis, lr=0)
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_is_bit_for_bit(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import subprocess
     import sys

@@ -39,6 +39,7 @@ def test_digits_split_and_noise_mask() -> None:
     assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
 
 
+@pytest.mark.slow
 def test_mnist1d_is_generated_locally_and_deterministic() -> None:
     a, b = load("mnist1d"), load("mnist1d")
     assert (len(a.train), len(a.test), a.input_shape, a.num_classes) == (4000, 1000, (40,), 10)

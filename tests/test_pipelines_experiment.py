@@ -120,6 +120,7 @@ def _kill_when(proc: subprocess.Popen, path: Path, timeout: float = 300) -> None
     proc.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_equals_an_uninterrupted_one(finished: tuple[ExperimentConfig, dict],
                                                           cifar_root: Path, tmp_path: Path) -> None:
     cfg, straight = finished
@@ -143,7 +144,9 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(finished: tuple[Experi
 
 def test_a_folder_of_another_config_is_refused(finished: tuple[ExperimentConfig, dict]) -> None:
     cfg, _ = finished
-    with pytest.raises(SystemExit, match="differs in dim"):
+    from pipelines.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"holds work of another config \(dim={cfg.dim} there, 3 now"):
         run(cfg.with_overrides(dim=3))
 
 

@@ -249,6 +249,7 @@ _SUBNORMAL_HALF_SPACING = {"float32": 0.0, "bfloat16": 2.0**-134, "float16": 2.0
        chunk_slack=st.integers(0, 3), stage_chunks=st.integers(1, 3), transpose=st.booleans(),
        seed=st.integers(0, 2**16), scale=st.integers(-7, 3),
        edges=st.lists(st.tuples(st.integers(0), _EDGE), max_size=8))
+@pytest.mark.slow
 def test_round_trip_over_random_layouts(shapes: list[tuple[int, ...]], dtype: str, chunk_elems: int,
                                         chunk_slack: int, stage_chunks: int, transpose: bool, seed: int,
                                         scale: int, edges: list[tuple[int, float]]) -> None:

@@ -280,6 +280,7 @@ def test_a_store_without_dimension_names_reads_and_verifies_as_before(written: t
     assert verify(path).ok
 
 
+@pytest.mark.slow
 def test_a_store_written_by_the_previous_trajstore_reads_and_verifies(tmp_path: Path) -> None:
     old = OldWriter(extract(tmp_path))
     path = tmp_path / "old.zarr"

@@ -230,6 +230,17 @@ def local_root(store: Store) -> Path | None:
     return Path(store.root) if isinstance(store, LocalStore) else None
 
 
+def local_path(url: StoreLike) -> Path | None:
+    """The local path a URL or path names (``file://`` included), or None for a Store object or
+    any other backend."""
+    if isinstance(url, Store):
+        return local_root(url)
+    text = os.fspath(url)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):]).expanduser()
+    return None if "://" in text else Path(text).expanduser()
+
+
 def describe(url: StoreLike) -> str:
     return repr(url) if isinstance(url, Store) else os.fspath(url)
 

@@ -14,9 +14,34 @@ from .errors import TrajstoreError
 __all__ = ["main"]
 
 
+def _find_store(arg: str) -> str:
+    """The store a command was given: a URL as it is; a local path that does not exist is an
+    error (missing is not damaged); the folder of ``trajstore sample`` (OUT/trajectory.zarr) or of
+    a one-seed ``trajstore run`` (OUT/seed-S/trajectory.zarr) stands for its store, said on stderr."""
+    from pathlib import Path
+
+    if "://" in arg:
+        return arg
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{arg} does not exist")
+    if not path.is_dir() or (path / "zarr.json").exists():
+        return arg
+    found = [path / "trajectory.zarr"] if (path / "trajectory.zarr").is_dir() else sorted(
+        path.glob("seed-*/trajectory.zarr"))
+    if len(found) == 1:
+        print(f"trajstore: using {found[0]}", file=sys.stderr)
+        return str(found[0])
+    if found:
+        raise FileNotFoundError(f"{arg} is a run folder of {len(found)} seeds; give one store: "
+                                + ", ".join(str(p) for p in found[:4]) + (" ..." if len(found) > 4 else ""))
+    return arg
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, store_info
 
+    args.store = _find_store(args.store)
     info = store_info(args.store, storage_options=args.storage_options)
     print(json.dumps(info, indent=2) if args.json else format_info(info, max_rows=args.rows))
     return 0
@@ -25,6 +50,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import format_report, verify
 
+    args.store = _find_store(args.store)
     report = verify(args.store, storage_options=args.storage_options, sources=not args.no_sources,
                     progress=not args.json)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
@@ -51,6 +77,7 @@ def _cmd_basis(args: argparse.Namespace) -> int:
     from .dldr import dldr
     from .plots import plot_basis
 
+    args.store = _find_store(args.store)
     client = _client(args)
     try:
         basis = dldr(args.store, args.dim, start=args.start, stop=args.stop, trajectory=args.trajectory,
@@ -74,8 +101,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"trajstore: --set takes KEY=VALUE, got {pair!r}")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r} (e.g. --set epochs=50)")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
 
@@ -83,7 +110,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines import run_experiment
 
-    run_experiment(args.experiment, out=args.out, seed=args.seed, seeds=args.seeds, overrides=_overrides(args.set))
+    run_experiment(args.experiment, out=args.out, seed=args.seed, seeds=args.seeds, overrides=_overrides(args.set),
+                   data_root=getattr(args, "data_root", None))
     return 0
 
 
@@ -94,13 +122,13 @@ _SAMPLE_FLAGS = ("data", "data_root", "model", "optimizer", "lr", "epochs", "sam
 def _cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipelines import experiment_config
     from pipelines.experiment import sample
+    from pipelines.validate import configure
 
     flags = {k: str(v) for k, v in vars(args).items() if k in _SAMPLE_FLAGS and v is not None}
     if args.optimizer == "adam" and args.lr is None:
         flags["lr"] = "0.001"  # the paper's Adam learning rate
-    cfg = experiment_config(args.experiment).with_overrides(**flags, **_overrides(args.set), seed=args.seed, out=args.out)
+    cfg = configure(args.experiment, {**flags, **_overrides(args.set)}, basis=False, seed=args.seed, out=args.out)
     result = sample(cfg, Path(args.out), args.seed)
     from pipelines import ranks
 
@@ -127,6 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .store import TrajectoryStore
 
     options = args.storage_options
+    args.store = _find_store(args.store)
     if "://" in str(args.store) and not args.out:  # results are local files, next to a local store
         raise ValueError(f"the store {args.store} is at a URL: say where the results go with --out FOLDER")
     with TrajectoryStore.open(args.store, trajectory=args.trajectory, storage_options=options) as store:
@@ -134,8 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recorded = attrs.get("experiment")
     flags = {k: str(v) for k, v in vars(args).items() if k in ("data", "data_root", "model", "device") and v is not None}
     if recorded is None and not {"data", "model"} <= set(flags):
-        raise SystemExit(f"trajstore train: {args.store} was not recorded by 'trajstore sample'; "
-                         "say which --data and --model it holds")
+        raise ValueError(f"{args.store} was not recorded by 'trajstore sample': say which --data and --model it holds")
     # A store's attrs are input like any file's: checked (types, ranges, a known model of the
     # store's size, built on the meta device) before a model, a basis or a data set is made from them.
     cfg = config_from_store({} if recorded is None else recorded).with_overrides(**flags)
@@ -248,15 +276,16 @@ class _StorageOption(argparse.Action):
 def _add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-option", dest="storage_options", action=_StorageOption, default=None,
                         metavar="KEY=VALUE",
-                        help="an option of the URL's fsspec file system, repeatable; VALUE is JSON when it parses, "
-                             "a dotted KEY sets a nested one: --storage-option anon=true, "
-                             "--storage-option client_kwargs.endpoint_url=http://127.0.0.1:9000")
+                        help="an option of the URL's fsspec file system, repeatable (default: none); VALUE is JSON "
+                             "when it parses, a dotted KEY sets a nested one: anon=true, "
+                             "client_kwargs.endpoint_url=http://127.0.0.1:9000")
 
 
 def _add_nproc(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="run on N local processes sharing each global batch (torch.distributed: gloo on "
-                             "CPU, nccl on GPU; default 1); the same as torchrun --standalone --nproc-per-node N -m trajstore ...")
+                             "CPU, nccl on GPU), as torchrun --standalone --nproc-per-node N -m trajstore ... does "
+                             "(default: 1)")
 
 
 def _in_job(args: argparse.Namespace, argv: list[str]) -> int | None:
@@ -266,12 +295,12 @@ def _in_job(args: argparse.Namespace, argv: list[str]) -> int | None:
 
     nproc = getattr(args, "nproc", 1)
     if nproc < 1:
-        raise SystemExit(f"trajstore: error: --nproc must be >= 1, got {nproc}")
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if "WORLD_SIZE" not in os.environ:
         if nproc == 1:
             return None
         if getattr(args, "experiment", None) == "demo":
-            raise SystemExit("trajstore: error: the demo runs on one process; leave out --nproc")
+            raise ValueError("the demo runs on one process; leave out --nproc")
         from .launch import spawn
 
         return spawn(["-m", "trajstore", *_without_nproc(argv)], nproc)
@@ -298,109 +327,220 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (line breaks kept), and every option's help ending with
+    its default, unless the help says it already (the word "default" in it) or there is none to
+    print: a flag (its default is its absence), an empty list, or None (whose help says in words
+    what leaving the option out means: "default: all snapshots")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is argparse.SUPPRESS or default == []
+                or action.nargs == 0 or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        return text + " (default: %(default)s)"
+
+
+_DESCRIPTION = """\
+trajstore records the weights of a training run (its trajectory) into a Zarr store, finds the
+few directions the run moved in (DLDR: a PCA of the snapshots, streamed from disk, never all in
+memory), and retrains the network from its initialization in that d-dimensional subspace with
+P-BFGS, P+-BFGS or P-SGD (Li et al., "Train Deep Neural Networks in 40-D Subspaces")."""
+
+_EPILOG = """\
+typical use:
+  trajstore run mnist1d                   the paper's experiment end to end, into runs/mnist1d/
+  trajstore sample OUT                    train with SGD, recording OUT/trajectory.zarr
+  trajstore basis OUT/trajectory.zarr     its DLDR basis (40 directions) and a plot of it
+  trajstore train OUT/trajectory.zarr     retrain from the initialization in that subspace
+  trajstore info STORE                    what a store holds
+  trajstore verify STORE                  check every chunk, commit and basis of a store
+  trajstore plan MODEL                    predict disk, memory and I/O before any work
+  trajstore bench MODEL                   measure the same stages for real, beside the plan
+
+STORE is a folder or an fsspec URL (s3://bucket/run.zarr; options with --storage-option).
+'trajstore COMMAND --help' describes a command and its options, with their defaults."""
+
+_MODELS = "mlp | cnn1d | resnet20 | wrn-40-10 | inception-v4 | torchvision:NAME"
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a message may quote a multi-line snippet)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _where() -> str:
+    """`` during STAGE (seed S, epoch E of N)`` when an experiment stage was running."""
+    status = sys.modules.get("pipelines.status")
+    text = status.describe() if status is not None else ""
+    return f" during {text}" if text else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as the commands' own: ``trajstore run: error: ...``
+    and where to look, instead of the usage block first (exit 2, as argparse's)."""
+
+    def error(self, message: str) -> Any:
+        print(f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="trajstore", description=__doc__)
+    parser = _Parser(prog="trajstore", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"trajstore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="list the trajectories of a store")
+    def command(name: str, summary: str, description: str = "", epilog: str | None = None) -> argparse.ArgumentParser:
+        text = summary[0].upper() + summary[1:] + "." + (f"\n\n{description}" if description else "")
+        return sub.add_parser(name, help=summary, description=text, epilog=epilog, formatter_class=HelpFormatter)
+
+    info = command("info", "list the trajectories, snapshots and bases of a store")
     info.add_argument("store", help="store folder or fsspec URL")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.add_argument("--rows", type=int, default=12, help="snapshots shown per trajectory (default 12)")
+    info.add_argument("--rows", type=int, default=12, metavar="N",
+                      help="snapshots listed per trajectory, the first and last N/2 of a longer one")
     _add_storage_option(info)
     info.set_defaults(func=_cmd_info)
 
-    verify_ = sub.add_parser("verify", help="check every chunk, commit and basis of a store (exit 1 if damaged, 2 if unreachable)")
+    verify_ = command("verify", "check every chunk, commit and basis of a store",
+                      "Checks every chunk of every committed snapshot and basis against its crc32c checksum, the\n"
+                      "metadata and commits, and each basis against the snapshots of its window (one pass each).",
+                      epilog="exit status: 0 intact, 1 damaged (the findings say where), 2 unreachable or not a store")
     verify_.add_argument("store", help="store folder or fsspec URL")
-    verify_.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify_.add_argument("--json", action="store_true", help="print the report as JSON (and no progress)")
     verify_.add_argument("--no-sources", action="store_true",
-                         help="skip checking each basis against its window's snapshots (one pass per basis)")
+                         help="skip checking each basis against its window's snapshots (saves one pass per basis)")
     _add_storage_option(verify_)
     verify_.set_defaults(func=_cmd_verify)
 
-    basis = sub.add_parser("basis", help="compute the DLDR basis of a window of a trajectory")
+    basis = command("basis", "compute the DLDR basis of a window of a trajectory",
+                    "Two streaming passes over the window's snapshots (their Gram matrix, then the basis),\n"
+                    "written into the store under bases/NAME, and a plot of its explained variance next to\n"
+                    "the store. A killed run resumes from its last finished block.")
     basis.add_argument("store", help="store folder or fsspec URL")
-    basis.add_argument("--dim", type=int, default=40, help="number of directions d (default 40)")
-    basis.add_argument("--start", type=int, default=0, help="first snapshot of the window (default 0)")
-    basis.add_argument("--stop", type=int, default=None, help="end of the window, exclusive (default: all)")
-    basis.add_argument("--trajectory", default=None, help="trajectory name (when the store holds several)")
-    basis.add_argument("--name", default=None, help="basis name (default TRAJECTORY-START-STOP-dD)")
-    basis.add_argument("--block-mb", type=float, default=256, help="float32 MiB per block of all snapshots")
+    basis.add_argument("--dim", type=int, default=40, metavar="D", help="number of directions d of the basis")
+    basis.add_argument("--start", type=int, default=0, help="first snapshot of the window")
+    basis.add_argument("--stop", type=int, default=None,
+                       help="end of the window, exclusive (default: after the last snapshot)")
+    basis.add_argument("--trajectory", default=None, metavar="NAME",
+                       help="trajectory of the store (default: its only one, or the one named 'default')")
+    basis.add_argument("--name", default=None, help="name of the basis in the store (default: TRAJECTORY-START-STOP-dD)")
+    basis.add_argument("--block-mb", type=float, default=256, metavar="MIB",
+                       help="float32 MiB of one block of the snapshots, read and multiplied at a time")
     basis.add_argument("--overwrite", action="store_true", help="recompute even if the basis exists")
     _add_storage_option(basis)
     where = basis.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=None, help="start a local dask.distributed cluster of N processes")
-    where.add_argument("--scheduler", default=None, help="address of a running dask.distributed scheduler")
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run on a local dask.distributed cluster of N processes (default: threads of this "
+                            "process, one per core)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run on this running dask.distributed scheduler, e.g. tcp://10.0.0.1:8786 (default: "
+                            "threads of this process)")
     basis.set_defaults(func=_cmd_basis)
 
-    sample = sub.add_parser("sample", help="train with SGD or Adam, recording the trajectory into a store")
+    same = "default: the --experiment's"
+    sample = command("sample", "train with SGD or Adam, recording the trajectory into a store",
+                     "Starts from an experiment's config (see 'trajstore run'); each option below changes one\n"
+                     "field of it. Snapshot 0 is the initialization; a killed run resumes.")
     sample.add_argument("out", help="folder for the store (OUT/trajectory.zarr) and the run's record")
-    sample.add_argument("--experiment", default="mnist1d", help="start from this experiment's defaults (default mnist1d)")
-    sample.add_argument("--data", default=None, help="mnist1d | digits | cifar10 | cifar100 | imagefolder:PATH")
-    sample.add_argument("--data-root", default=None, help="folder holding the CIFAR data (nothing is downloaded)")
-    sample.add_argument("--model", default=None, help="mlp | cnn1d | resnet20 | wrn-40-10 | inception-v4 | torchvision:NAME")
+    sample.add_argument("--experiment", default="mnist1d", help="start from this experiment's config")
+    sample.add_argument("--data", default=None, help=f"mnist1d | digits | cifar10 | cifar100 | imagefolder:PATH ({same})")
+    sample.add_argument("--data-root", default=None, metavar="DIR",
+                        help=f"folder holding the CIFAR data; nothing is downloaded ({same})")
+    sample.add_argument("--model", default=None, help=f"{_MODELS} ({same})")
     sample.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
-                        help="SGD (lr 0.1, momentum 0.9, wd 5e-4) or Adam (lr 1e-3)")
-    sample.add_argument("--lr", type=float, default=None)
-    sample.add_argument("--epochs", type=int, default=None, help="epochs of the whole run")
-    sample.add_argument("--sample-epochs", type=int, default=None, help="snapshots are taken in the first N epochs")
-    sample.add_argument("--snapshot-every", type=int, default=None, help="steps between snapshots (0: once per epoch)")
-    sample.add_argument("--batch-size", type=int, default=None)
-    sample.add_argument("--storage-dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    sample.add_argument("--label-noise", type=float, default=None, help="fraction of training labels changed")
-    sample.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
+                        help=f"SGD (momentum 0.9, weight decay 5e-4) or Adam ({same}: sgd)")
+    sample.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: 0.001 with --optimizer adam, else the --experiment's: 0.1)")
+    sample.add_argument("--epochs", type=int, default=None, help=f"epochs of the whole run ({same})")
+    sample.add_argument("--sample-epochs", type=int, default=None, metavar="N",
+                        help=f"snapshots are taken in the first N epochs ({same})")
+    sample.add_argument("--snapshot-every", type=int, default=None, metavar="STEPS",
+                        help=f"steps between snapshots, 0 for one per epoch ({same})")
+    sample.add_argument("--batch-size", type=int, default=None, help=f"training batch ({same}: 128)")
+    sample.add_argument("--storage-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help=f"dtype of the stored snapshots ({same}: float32)")
+    sample.add_argument("--label-noise", type=float, default=None, metavar="FRACTION",
+                        help=f"fraction of training labels changed to another class ({same}: 0)")
+    sample.add_argument("--device", default=None,
+                        help=f"auto | cpu | cuda[:N]; auto is cuda when there is one ({same}: auto)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
+    sample.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config field, e.g. --set momentum=0.8; repeatable (default: none)")
     _add_nproc(sample)
     sample.set_defaults(func=_cmd_sample)
 
-    train = sub.add_parser("train", help="train from the trajectory's initialization in its DLDR subspace")
-    train.add_argument("store", help="a store recorded by 'trajstore sample' (or give --data and --model)")
-    train.add_argument("--optimizer", choices=("pbfgs", "pbfgs+", "psgd"), default="pbfgs+")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=1024)
-    train.add_argument("--basis", default=None, help="an existing basis of the store (see 'trajstore info')")
-    train.add_argument("--dim", type=int, default=40, help="else compute one: d (default 40) ...")
-    train.add_argument("--start", type=int, default=0, help="... from snapshot START (default 0) ...")
-    train.add_argument("--stop", type=int, default=None, help="... to STOP, exclusive (default: all)")
-    train.add_argument("--trajectory", default=None)
-    train.add_argument("--data", default=None)
-    train.add_argument("--data-root", default=None)
-    train.add_argument("--model", default=None)
-    train.add_argument("--device", default=None)
-    train.add_argument("--out", default=None, help="folder for the result (default: the store's folder; "
-                       "needed for a store at a URL)")
+    recorded = "default: as recorded by 'trajstore sample'"
+    train = command("train", "train from the trajectory's initialization in its DLDR subspace",
+                    "Uses the basis given by --basis, or computes one (--dim, --start, --stop) as 'trajstore\n"
+                    "basis' does, reusing it when it exists. Writes the per-epoch history to\n"
+                    "train-OPTIMIZER-BASIS-eEPOCHS-bBATCH.json next to the store (or in --out).")
+    train.add_argument("store", help="a store recorded by 'trajstore sample' (or any store, with --data and --model)")
+    train.add_argument("--optimizer", choices=("pbfgs", "pbfgs+", "psgd"), default="pbfgs+",
+                       help="P-BFGS, P+-BFGS (P-BFGS plus SGD on the residual gradient) or P-SGD")
+    train.add_argument("--epochs", type=int, default=10, help="training epochs in the subspace")
+    train.add_argument("--batch-size", type=int, default=1024, help="training batch")
+    train.add_argument("--basis", default=None, metavar="NAME",
+                       help="an existing basis of the store, see 'trajstore info' (default: compute one, below)")
+    train.add_argument("--dim", type=int, default=40, metavar="D", help="without --basis: directions d of the basis")
+    train.add_argument("--start", type=int, default=0, help="without --basis: first snapshot of its window")
+    train.add_argument("--stop", type=int, default=None,
+                       help="without --basis: end of its window, exclusive (default: after the last snapshot)")
+    train.add_argument("--trajectory", default=None, metavar="NAME",
+                       help="trajectory of the store (default: its only one, or the one named 'default')")
+    train.add_argument("--data", default=None, help=f"data set of the run ({recorded}; needed for other stores)")
+    train.add_argument("--data-root", default=None, metavar="DIR", help=f"folder holding the CIFAR data ({recorded})")
+    train.add_argument("--model", default=None, help=f"model of the run, {_MODELS} ({recorded}; needed for other stores)")
+    train.add_argument("--device", default=None, help=f"auto | cpu | cuda[:N] ({recorded}, else auto)")
+    train.add_argument("--out", default=None, metavar="DIR",
+                       help="folder for the result (default: the store's folder; needed for a store at a URL)")
     _add_storage_option(train)
     _add_nproc(train)
     train.set_defaults(func=_cmd_train)
 
-    plan_ = sub.add_parser("plan", help="predict disk, memory and I/O of each stage before any work")
+    plan_ = command("plan", "predict disk, memory and I/O of each stage before any work",
+                    "Builds MODEL on torch's meta device (shapes only: nothing is allocated) and predicts, for\n"
+                    "sample, gram, basis, train and the official approach: disk bytes, peak host (and GPU)\n"
+                    "memory, bytes read and written. 'trajstore bench MODEL' measures the same stages.")
     plan_.add_argument("model", help="wrn-40-10 | resnet20 | inception-v4 | torchvision:NAME | package.module:factory")
-    plan_.add_argument("--snapshots", type=int, default=101, help="T (default 101)")
-    plan_.add_argument("--dim", type=int, default=40, help="D (default 40)")
-    plan_.add_argument("--storage-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    plan_.add_argument("--snapshots", type=int, default=101, metavar="T", help="snapshots of the trajectory, T")
+    plan_.add_argument("--dim", type=int, default=40, metavar="D", help="directions of the basis, d")
+    plan_.add_argument("--storage-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="dtype of the stored snapshots")
     plan_.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training runs")
-    plan_.add_argument("--batch", type=int, default=128, help="training batch, for activation memory (0: leave out)")
-    plan_.add_argument("--input-shape", default=None, help="e.g. 3,224,224 (needed for package.module:factory)")
-    plan_.add_argument("--workers", type=int, default=None, help="threads of the DLDR passes (default: CPUs)")
-    plan_.add_argument("--json", action="store_true")
+    plan_.add_argument("--batch", type=int, default=128, help="training batch, for activation memory; 0 leaves it out")
+    plan_.add_argument("--input-shape", default=None, metavar="C,H,W",
+                       help="e.g. 3,224,224 (default: the model's own; needed for package.module:factory)")
+    plan_.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="threads of the DLDR passes (default: one per CPU)")
+    plan_.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     plan_.set_defaults(func=_cmd_plan)
 
-    bench_ = sub.add_parser("bench", help="measure each stage for real, beside the plan, the floor and the official approach")
-    from pipelines.bench import add_arguments
+    from pipelines import bench as bench_module
 
-    add_arguments(bench_)
+    bench_ = command("bench", "measure each stage for real, beside the plan, the floor and the official approach",
+                     bench_module.DESCRIPTION, epilog=bench_module.EPILOG)
+    bench_module.add_arguments(bench_)
     bench_.set_defaults(func=_cmd_bench)
 
-    run = sub.add_parser("run", help="run a whole experiment end to end (resumes a killed run)")
+    run = command("run", "run a whole experiment end to end (resumes a killed run)",
+                  "Samples the SGD trajectory, computes its DLDR basis, retrains with each subspace method\n"
+                  "from the same initialization, and writes results.json and the plots into the run folder.",
+                  epilog="experiments: mnist1d (under a minute on 2 cores), digits, cifar10-resnet20, cifar10-resnet32,\n"
+                         "cifar100-wrn-40-10, cifar100-inception-v4, cifar10-MODEL, cifar100-MODEL, demo\n"
+                         "(the CIFAR ones need --data-root: nothing is downloaded)")
     run.add_argument("experiment", help="mnist1d | digits | cifar10-resnet20 | cifar100-wrn-40-10 | ... | demo")
-    run.add_argument("--out", default=None, help="run folder (default runs/EXPERIMENT)")
-    run.add_argument("--seed", type=int, default=0, help="first seed")
-    run.add_argument("--seeds", type=int, default=1, help="number of seeds (mean +- std over them)")
+    run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/EXPERIMENT)")
+    run.add_argument("--seed", type=int, default=0, help="first seed; the seeds are SEED, SEED + 1, ...")
+    run.add_argument("--seeds", type=int, default=1, help="number of seeds; results give mean +- std over them")
+    run.add_argument("--data-root", default=None, metavar="DIR",
+                     help="folder holding the CIFAR data (cifar-10-batches-py/ or cifar-100-python/), the same as "
+                          "--set data_root=DIR; the CIFAR experiments need it (default: none)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="change a config field, e.g. --set data_root=~/data --set epochs=50")
+                     help="change a config field, e.g. --set epochs=50; repeatable (default: none)")
     _add_nproc(run)
     run.set_defaults(func=_cmd_run)
     return parser
@@ -412,15 +552,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipelines import bench
 
         return bench.main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         code = _in_job(args, argv)
         if code is not None:
             return code
         code = int(args.func(args))
     except (TrajstoreError, ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"trajstore: error: {e}", file=sys.stderr)
+        print(f"trajstore: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"trajstore: interrupted{_where()}; run the same command to resume", file=sys.stderr)
+        return 130
     from .launch import shutdown
 
     shutdown()  # a rank of a job leaves it (a no-op on one process)

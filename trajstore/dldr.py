@@ -166,7 +166,8 @@ def _gram_pass(store: TrajectoryStore, stop: int, first: int, client: Any, num_w
 def _pass_desc(what: str, t: int, blocks: int, checkpoint: BlockCheckpoint | None) -> str:
     """The progress bar's title: how many snapshots and blocks, and how many were done before a kill."""
     saved = checkpoint.saved if checkpoint is not None else 0
-    return f"{what} ({t} snapshots, {blocks} blocks" + (f", {saved} done before)" if saved else ")")
+    return (f"{what} ({t} snapshots, {blocks} block{'' if blocks == 1 else 's'}"
+            + (f", {saved} done before)" if saved else ")"))
 
 
 def _drop_stale_checkpoint(zstore: zarr.abc.store.Store, path: str) -> None:
@@ -389,7 +390,8 @@ def dldr(store: Any, d: int = 40, *, start: int = 0, stop: int | None = None, tr
     overwrite : bool
         Recompute even when a complete basis of that name and source exists.
     progress : bool
-        Show a progress bar per pass (tqdm locally, ``distributed.progress`` on a cluster).
+        Show progress per pass: a tqdm bar on a terminal, a short line every 10 s elsewhere
+        (``TRAJSTORE_PROGRESS_INTERVAL``); ``distributed.progress`` on a cluster's terminal.
     storage_options : dict, optional
         Options of the URL's fsspec file system (``key``, ``secret``, ``endpoint_url``...), as for
         :meth:`TrajectoryStore.open`. Only with a URL or path: an open TrajectoryStore or a Zarr

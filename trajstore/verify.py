@@ -17,7 +17,8 @@ A trajectory or basis folder whose group document is gone while its chunks remai
 no longer opens, so it would otherwise be silently missing from the listing). verify never raises
 on a damaged store: an exception in any one check becomes an error finding. A store it cannot
 reach (connection refused, no such host, a timeout, no credentials) is not a damaged one: verify
-raises StoreUnreachableError then, at the first read that fails, and reports nothing. It never
+raises StoreUnreachableError then, at the first read that fails, and reports nothing; a local path
+where nothing exists raises NotAStoreError. It never
 blocks on a FIFO or socket planted in the store (see :class:`trajstore._backend.RegularFileStore`), and never
 sizes a read from metadata beyond SCAN_VALUES (see :func:`_scan_snapshots`).
 """
@@ -38,7 +39,7 @@ from ._fingerprint import piece_fingerprints
 from ._names import NAME_PATTERN, is_valid_name
 from ._localread import PIECE
 from .basis import BASES_ROOT, Basis, basis_path, list_bases, open_basis, validate_meta
-from .errors import CorruptSnapshotError, StoreUnreachableError, TrajstoreError
+from .errors import CorruptSnapshotError, NotAStoreError, StoreUnreachableError, TrajstoreError
 from ._create import read_root
 from .store import TrajectoryStore
 
@@ -142,6 +143,9 @@ def verify(url: StoreLike, *, storage_options: dict[str, Any] | None = None, sou
     :func:`trajstore.dldr`) and d x t matrices.
     """
     report = VerifyReport(describe(url))
+    local = _backend.local_path(url)
+    if local is not None and not local.exists():  # nothing there is not a damaged store
+        raise NotAStoreError(f"{url} does not exist")
     try:
         zstore = _backend.open_zarr_store(url, read_only=True, storage_options=storage_options)
         root = read_root(zstore, report.store)
@@ -552,9 +556,9 @@ def _stray_files(zstore: zarr.abc.store.Store, report: VerifyReport) -> None:
 def _bar(progress: bool, total: int, desc: str) -> Any:
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="chunk")
+    return progress_bar(total=total, desc=desc, unit="chunk")
 
 
 def format_report(report: VerifyReport) -> str:

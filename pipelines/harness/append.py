@@ -30,20 +30,21 @@ import torch
 from trajstore import TrajectoryStore
 
 from ..models import build_model
-from .measure import measure_peak, median, raw_write_speed, write_result
+from . import suite_parser
+from .measure import measure_peak, median, raw_write_speed, report_spread, write_result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="wrn-40-10")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--appends", type=int, default=5)
-    parser.add_argument("--storage-dtype", default="float32")
+    parser.add_argument("--model", default="wrn-40-10", help="model whose snapshots are appended (pipelines.models)")
+    parser.add_argument("--classes", type=int, default=100, help="classes of the model's last layer")
+    parser.add_argument("--appends", type=int, default=5, help="rounds; medians over them are reported")
+    parser.add_argument("--storage-dtype", default="float32", help="dtype of the store: float32, bfloat16 or float16")
     parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp folder in cwd)")
-    parser.add_argument("--out", default="benchmarks/results/append.json")
+    parser.add_argument("--out", default="benchmarks/results/append.json", metavar="FILE", help="JSON result file")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    parser = suite_parser(__doc__, prog)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
@@ -91,10 +92,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_extra_MiB": max(r["peak_extra_bytes"] for r in rows) / 2**20,
             "peak_extra_vs_snapshot": max(r["peak_extra_bytes"] for r in rows) / nbytes,
         }
+        warning = report_spread("durable append / raw write+fsync", [r["durable_Bps"] / r["raw_fsync_Bps"] for r in rows],
+                                advice="rerun or add --appends")
         print(f"\nmedians over {args.appends} rounds:")
         for key, value in summary.items():
             print(f"  {key:24s} {value:,.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
-        write_result(Path(args.out), {"summary": summary, "rounds": rows, "args": vars(args)})
+        write_result(Path(args.out), {"summary": summary, "rounds": rows, "args": vars(args),
+                                      **({"warning": warning} if warning else {})})
         print(f"wrote {args.out}")
         return summary
     finally:

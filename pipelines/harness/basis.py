@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .measure import available_bytes, drop_caches, peak_rss_bytes
+from . import suite_parser
+from .measure import available_bytes, drop_caches, peak_rss_bytes, report_spread
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "benchmarks"
@@ -198,20 +199,23 @@ def run_child(method: str, path: Path, d: int) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="1M,4M,16M,wrn-40-10")
-    parser.add_argument("--t", type=int, default=101)
-    parser.add_argument("--d", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--methods", default="floor,trajstore,official,svd_compressed")
-    parser.add_argument("--data", default=str(HERE / "data"), help="folder for the generated stores (kept)")
-    parser.add_argument("--out", default=str(HERE / "results" / "dldr.json"))
+    parser.add_argument("--sizes", default="1M,4M,16M,wrn-40-10",
+                        help="comma-separated: 1M, 4M, 16M (flat models of that many parameters), wrn-40-10 (55.9M)")
+    parser.add_argument("--t", type=int, default=101, help="snapshots of each store")
+    parser.add_argument("--d", type=int, default=40, help="directions of the basis")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per size and method; the median is reported")
+    parser.add_argument("--methods", default="floor,trajstore,official,svd_compressed",
+                        help="comma-separated, from floor, trajstore, official, svd_compressed")
+    parser.add_argument("--data", default=str(HERE / "data"), metavar="DIR",
+                        help="folder for the generated stores (kept, reused by later runs)")
+    parser.add_argument("--out", default=str(HERE / "results" / "dldr.json"), metavar="FILE", help="JSON result file")
     parser.add_argument("--merge", action="store_true", help="keep rows of other sizes from an existing --out file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    parser = suite_parser(__doc__, prog)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
@@ -249,6 +253,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = {"size": size, "n": n, "t": args.t, "method": method, "runs": runs,
                    "seconds": median([r["seconds"] for r in runs]),
                    "peak_rss_GiB": median([r["peak_rss_bytes"] for r in runs]) / 2**30}
+            warning = report_spread(f"{size} {method} seconds", [r["seconds"] for r in runs],
+                                    advice="rerun or add --repeats")
+            if warning:
+                row["warning"] = warning
             rows.append(row)
             extra = ""
             if method == "floor":

@@ -1,7 +1,6 @@
 """What a commit costs as a trajectory grows, and for a model of many small tensors.
 
-    python benchmarks/commit_cost.py [--snapshots 10000] [--window 50] [--tensors 50000] [--rounds 5]
-    (or: trajstore bench --suite commit)
+    python benchmarks/commit_cost.py [--snapshots 10000] [--window 50] [--tensors 50000] [--rounds 7]
 
 1. **Commit cost vs t** (a 20-parameter model, durable appends on a local folder): the median
    time of ``window`` appends from snapshot 10 on, and of ``window`` appends from snapshot
@@ -30,20 +29,21 @@ import torch
 
 from trajstore import TrajectoryStore
 
+from . import suite_parser
 from .measure import median, write_result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--snapshots", type=int, default=10_000)
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--tensors", type=int, default=50_000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--snapshots", type=int, default=10_000, help="length at which the late commits are timed")
+    parser.add_argument("--window", type=int, default=50, help="commits timed early and late (medians)")
+    parser.add_argument("--tensors", type=int, default=50_000, help="scalar parameters of the many-tensors model")
+    parser.add_argument("--rounds", type=int, default=7, help="appends of the many-tensors model timed (median)")
     parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp folder in cwd)")
-    parser.add_argument("--out", default="benchmarks/results/commit_cost.json")
+    parser.add_argument("--out", default="benchmarks/results/commit_cost.json", metavar="FILE", help="JSON result file")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    parser = suite_parser(__doc__, prog)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -34,20 +34,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import suite_parser
 from .measure import median, write_result
 
 CONFIGS = (("sgd", 1), ("pbfgs+", 1), ("sgd", 2), ("pbfgs+", 2), ("pbfgs+ sharded", 2))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--d", type=int, default=40)
+    parser.add_argument("--width", type=int, default=1024, help="width of the MLP's hidden layers")
+    parser.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP")
+    parser.add_argument("--d", type=int, default=40, help="directions of the basis")
     parser.add_argument("--batch", type=int, default=256, help="global batch (split over the ranks)")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/distributed.json")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration and round (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, configurations interleaved (median)")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
+    parser.add_argument("--out", default="benchmarks/results/distributed.json", metavar="FILE", help="JSON result file")
 
 
 def model(width: int, depth: int) -> nn.Module:
@@ -58,8 +59,8 @@ def model(width: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    parser = suite_parser(__doc__, prog)
     add_arguments(parser)
     parser.add_argument("--worker", nargs=4, metavar=("STORE", "BASIS", "METHOD", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import save_figure, write_text
-from . import append, basis, step
+from . import append, basis, step, suite_parser
 from .measure import write_result
 
 __all__ = ["main", "run"]
@@ -37,14 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per DLDR measurement (median)")
     parser.add_argument("--appends", type=int, default=7, help="append rounds (median)")
     parser.add_argument("--steps", type=int, default=6, help="steps per batch size (median)")
-    parser.add_argument("--sizes", default="1M,4M,16M,wrn-40-10")
+    parser.add_argument("--sizes", default="1M,4M,16M,wrn-40-10",
+                        help="sizes of the DLDR part: 1M, 4M, 16M (flat models), wrn-40-10 (55.9M)")
     parser.add_argument("--windows", default="51,76", help="other t (> d) for memory vs t at n = 4M (with 101)")
-    parser.add_argument("--data", default="benchmarks/data", help="folder of the generated stores (kept)")
-    parser.add_argument("--out", default="benchmarks/results/goals")
+    parser.add_argument("--data", default="benchmarks/data", metavar="DIR",
+                        help="folder of the generated stores (kept, reused by later runs)")
+    parser.add_argument("--out", default="benchmarks/results/goals", metavar="DIR",
+                        help="folder for goals.json, goals.md and the plots")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    parser = suite_parser(__doc__, prog)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,8 +15,14 @@ import numpy as np
 
 from pipelines.atomic import save_json
 
-__all__ = ["PeakMemory", "available_bytes", "drop_caches", "du", "measure_peak", "median", "peak_rss_bytes",
-           "raw_write_speed", "reset_peak", "rss_bytes", "write_result"]
+__all__ = ["SPREAD_LIMIT", "PeakMemory", "available_bytes", "drop_caches", "du", "measure_peak", "median",
+           "peak_rss_bytes", "raw_write_speed", "report_spread", "reset_peak", "rss_bytes", "spread_warning",
+           "write_result"]
+
+# max / min of a figure's repeated measurements above which it is reported as noisy: beyond it
+# the machine's load, not the code, decides the median (issue #15: the same x SGD figure read
+# 7.7x in one run of trajstore bench and 1.05x in the next, on a shared 2-core machine).
+SPREAD_LIMIT = 1.5
 
 
 def rss_bytes() -> int:
@@ -70,6 +77,25 @@ def raw_write_speed(directory: Path, nbytes: int, *, block: int = 4 * 2**20, fsy
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def spread_warning(figure: str, runs: list[float], *, limit: float = SPREAD_LIMIT,
+                   advice: str = "rerun or add --rounds") -> str | None:
+    """A warning when the repeated measurements ``runs`` of ``figure`` spread by more than
+    ``limit`` (max / min), else None: the median of such runs says more about the machine's
+    load than about the code."""
+    if len(runs) < 2 or min(runs) <= 0 or max(runs) / min(runs) <= limit:
+        return None
+    return (f"{figure}: figures spread {min(runs):.2f}-{max(runs):.2f} between runs "
+            f"({max(runs) / min(runs):.1f}x): the machine is noisy; {advice}")
+
+
+def report_spread(figure: str, runs: list[float], *, advice: str = "rerun or add --rounds") -> str | None:
+    """:func:`spread_warning`, also printed to stderr when there is one."""
+    warning = spread_warning(figure, runs, advice=advice)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return warning
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -40,7 +40,8 @@ from torch import nn
 from trajstore import PBFGS, TrajectoryStore, dldr, open_basis
 
 from ..models import build_model
-from .measure import write_result
+from . import suite_parser
+from .measure import report_spread, write_result
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,6 +153,11 @@ def part1(batches: list[int], steps: int, d: int) -> dict[str, Any]:
             }
             row["trajstore_vs_sgd_first_trial"] = row["trajstore_first_trial_s"] / sgd_med if first else None
             row["official_vs_sgd_first_trial"] = row["official_first_trial_s"] / sgd_med if first_off else None
+            pairs = [p / q for p, q, n in zip(times["trajstore"], times["sgd"], trials["trajstore"]) if n == 1]
+            warning = report_spread(f"batch {batch} first-trial P+-BFGS step / SGD step", pairs,
+                                    advice="rerun or add --steps")
+            if warning:
+                row["warning"] = warning
             out[f"batch{batch}"] = row
             print(f"batch {batch}: SGD {sgd_med:.3f} s; trajstore P+-BFGS {row['trajstore_s']:.3f} s "
                   f"(first-trial steps: {row['trajstore_vs_sgd_first_trial']}x SGD); official "
@@ -216,16 +222,18 @@ def part2(store_path: Path) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", default="128,1024")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--d", type=int, default=40)
-    parser.add_argument("--mmap-store", default="benchmarks/data/wrn-40-10-t101.zarr")
-    parser.add_argument("--out", default="benchmarks/results/step.json")
+    parser.add_argument("--batches", default="128,1024", help="comma-separated batch sizes of part 1")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per batch size, after one warm-up (median)")
+    parser.add_argument("--d", type=int, default=40, help="directions of part 1's synthetic basis")
+    parser.add_argument("--mmap-store", default="benchmarks/data/wrn-40-10-t101.zarr", metavar="STORE",
+                        help="store with a 40-D WRN-40-10 basis for part 2, made by --suite basis; part 2 is "
+                             "skipped without it")
+    parser.add_argument("--out", default="benchmarks/results/step.json", metavar="FILE", help="JSON result file")
     parser.add_argument("--part2-only", action="store_true", help=argparse.SUPPRESS)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    parser = suite_parser(__doc__, prog)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import suite_parser
 from .basis import SIZES, build_store
 from .measure import median, write_result
 
@@ -90,17 +91,17 @@ def measure(kind: str, store: Any, threads: int) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", default="4M", choices=sorted(SIZES), help="parameters (default 4M)")
-    parser.add_argument("--t", type=int, default=41, help="snapshots (default 41)")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the worker (default 2)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", default="4M", choices=sorted(SIZES), help="parameters")
+    parser.add_argument("--t", type=int, default=41, help="snapshots")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the worker")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, kinds interleaved (median)")
     parser.add_argument("--folder", default=None, help="where the store is built (default: a temporary folder)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-                                             / "dask_workers.json"))
+                                             / "dask_workers.json"), metavar="FILE", help="JSON result file")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    parser = suite_parser(__doc__, prog)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
