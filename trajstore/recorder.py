@@ -84,9 +84,12 @@ class Recorder:
             self._owns, self._count = False, 0
             if resume and not isinstance(store, TrajectoryStore) and trajectory in _existing(store, create_options):
                 opts = dict(create_options or {})
-                with TrajectoryStore.open(store, "r", trajectory=trajectory,
-                                          storage_options=opts.get("storage_options")) as found:
-                    self._count = len(found)
+                try:
+                    with TrajectoryStore.open(store, "r", trajectory=trajectory,
+                                              storage_options=opts.get("storage_options")) as found:
+                        self._count = len(found)
+                except InvalidStoreError:  # rank 0 is creating it right now (or finds it damaged and raises)
+                    self._count = 0
             if initial and self._count == 0:
                 self._count = 1
             return
