@@ -154,7 +154,8 @@ def test_corrected_commands_succeed_in_the_same_folder(in_tmp: Path, capsys: pyt
     for i, (_, extra, names) in enumerate(RUN_MISTAKES):
         refused(capsys, run_argv(out, *extra), names)
         if i % 8 == 0:  # the corrected command: the first time it runs everything, then it resumes
-            assert main(run_argv(out)) == 0, capsys.readouterr().err
+            code, printed = main(run_argv(out)), capsys.readouterr()
+            assert code == 0, printed.err
             assert (out / "results.json").exists()
     assert main(run_argv(out)) == 0
     assert (out / "seed-0" / "psgd.json").exists()
