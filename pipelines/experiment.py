@@ -235,7 +235,7 @@ def sample(cfg: ExperimentConfig, folder: Path, seed: int, setup: _Setup | None 
             state["seconds"] += time.perf_counter() - started
             state["history"].append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / count,
                                      "train_acc": 100.0 * correct / count, "test_loss": test_loss, "test_acc": test_acc,
-                                     "snapshots": state["next_snapshot"]})
+                                     "snapshots": state["next_snapshot"], "seconds": state["seconds"]})
             state["epoch"] = epoch
             state["recorder"] = {k: base[k] + recorder.stats[k] for k in base}
             _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -410,7 +410,7 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
         test_loss, test_acc = evaluate(model, setup.test, cfg, setup.device)
         state["seconds"] += time.perf_counter() - started
         state["history"].append({"epoch": epoch, "train_loss": loss_sum / count, "train_acc": 100.0 * correct[0] / count,
-                                 "test_loss": test_loss, "test_acc": test_acc})
+                                 "test_loss": test_loss, "test_acc": test_acc, "seconds": state["seconds"]})
         state["epoch"] = epoch
         _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt_path)
         bar.set_postfix(test_acc=f"{test_acc:.2f}")

@@ -21,6 +21,9 @@ LABELS = {"sgd": "SGD", "pbfgs": "P-BFGS", "pbfgs+": "P+-BFGS", "psgd": "P-SGD"}
 COLORS = {"sgd": "tab:gray", "pbfgs": "tab:blue", "pbfgs+": "tab:red", "psgd": "tab:green"}
 
 
+TIME_TO_ACCURACY_TOLERANCE = 0.5  # points of test accuracy below SGD's final one
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1; 0 for a single seed)."""
     a = np.asarray(values, dtype=np.float64)
@@ -49,8 +52,49 @@ def summarize(cfg: ExperimentConfig, per_seed: list[dict[str, Any]]) -> dict[str
         mean, std = _mean_std(accs)
         summary[method] = {"test_acc_mean": mean, "test_acc_std": std, "epochs": runs[0]["epochs"],
                            "sampling_epochs": cfg.sample_epochs, "dim": cfg.dim, "test_acc": accs,
-                           "train_seconds_mean": _mean_std([r["train_seconds"] for r in runs])[0]}
+                           "train_seconds_mean": _mean_std([r["train_seconds"] for r in runs])[0],
+                           "time_to_sgd_accuracy": time_to_accuracy_summary(cfg, per_seed, method)}
     return summary
+
+
+def _first_reaching(history: list[dict[str, Any]], target: float) -> float | None:
+    """Cumulative training seconds at the first epoch whose test accuracy reaches ``target``."""
+    for row in history:
+        if row["test_acc"] >= target:
+            return row.get("seconds")
+    return None
+
+
+def time_to_accuracy(cfg: ExperimentConfig, seed: dict[str, Any], method: str,
+                     tolerance: float = TIME_TO_ACCURACY_TOLERANCE) -> dict[str, Any] | None:
+    """Wall time of the DLDR route (pre-training, SGD through the sampling window, the basis,
+    then ``method`` until its test accuracy is within ``tolerance`` points of SGD's final one)
+    against SGD's own time to that accuracy (paper: about 65%). None for histories recorded
+    without per-epoch times; ``route_seconds`` None when the method never got there."""
+    sgd = seed["sgd"]["history"]
+    if not sgd or "seconds" not in sgd[-1]:
+        return None
+    target = sgd[-1]["test_acc"] - tolerance
+    sgd_seconds = _first_reaching(sgd, target)
+    window = next((row["seconds"] for row in sgd if row["epoch"] == cfg.sample_epochs), None)
+    reached = _first_reaching(seed["subspace"][method]["history"], target)
+    if sgd_seconds is None or window is None:
+        return None
+    pretrain = seed["sgd"].get("pretrain", {}).get("seconds", 0.0)
+    route = None if reached is None else pretrain + window + seed["basis"]["seconds"] + reached
+    return {"target_acc": target, "sgd_seconds": pretrain + sgd_seconds, "route_seconds": route,
+            "ratio": None if route is None else route / (pretrain + sgd_seconds)}
+
+
+def time_to_accuracy_summary(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], method: str) -> dict[str, Any] | None:
+    """:func:`time_to_accuracy` over the seeds: each seed's figures, the mean ratio over the
+    seeds that reached the target, and how many did."""
+    runs = [time_to_accuracy(cfg, s, method) for s in per_seed]
+    if any(r is None for r in runs):
+        return None
+    ratios = [r["ratio"] for r in runs if r["ratio"] is not None]
+    return {"tolerance": TIME_TO_ACCURACY_TOLERANCE, "seeds": runs, "reached": len(ratios),
+            "ratio_mean": float(np.mean(ratios)) if ratios else None}
 
 
 def format_table(cfg: ExperimentConfig, summary: dict[str, Any], seeds: int) -> str:
@@ -61,6 +105,14 @@ def format_table(cfg: ExperimentConfig, summary: dict[str, Any], seeds: int) -> 
     for method, row in summary.items():
         lines.append(f"{LABELS[method]:<9} {row['epochs']:>6}  {row['test_acc_mean']:>9.2f} +- {row['test_acc_std']:<5.2f}"
                      f"  {row['train_seconds_mean']:>8.1f}")
+    timed = [(m, r["time_to_sgd_accuracy"]) for m, r in summary.items() if r.get("time_to_sgd_accuracy")]
+    if timed:
+        lines.append(f"time to SGD's final accuracy - {TIME_TO_ACCURACY_TOLERANCE} points (sampling window + basis + "
+                     "subspace epochs, over SGD's own time; paper: about 0.65):")
+        for method, t in timed:
+            ratio = f"{t['ratio_mean']:.2f}x SGD's time" if t["ratio_mean"] is not None else "not reached"
+            n = len(t["seeds"])
+            lines.append(f"  {LABELS[method]:<9} {ratio} (reached in {t['reached']} of {n} seed{'s' if n > 1 else ''})")
     return "\n".join(lines)
 
 

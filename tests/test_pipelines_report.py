@@ -155,3 +155,27 @@ def test_redraw_reads_results_json(tmp_path: Path) -> None:
     assert [p.name for p in drawn] == result["figures"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in drawn)
     assert json.loads((cfg.folder / "results.json").read_text())["figures"] == result["figures"]  # left as it was
+
+
+def _seed(sgd_accs: list[float], method_accs: list[float], basis_seconds: float = 2.0) -> dict:
+    """A seed's record: SGD epochs of 1 s each, subspace epochs of 0.5 s each."""
+    sgd = [{"epoch": e, "test_acc": a, "seconds": float(e)} for e, a in enumerate(sgd_accs, start=1)]
+    sub = [{"epoch": e, "test_acc": a, "seconds": 0.5 * e} for e, a in enumerate(method_accs, start=1)]
+    return {"sgd": {"history": sgd}, "basis": {"seconds": basis_seconds}, "subspace": {"pbfgs": {"history": sub}}}
+
+
+def test_time_to_accuracy_counts_the_window_the_basis_and_the_subspace_epochs() -> None:
+    from pipelines.report import time_to_accuracy, time_to_accuracy_summary
+
+    cfg = ExperimentConfig(epochs=10, sample_epochs=3, methods=("pbfgs",))
+    # SGD ends at 90; 89.5 first reached at epoch 8 (8 s). The route: the window (3 epochs, 3 s),
+    # the basis (2 s), and P-BFGS's second epoch (1 s): 6 s, 0.75 of SGD's.
+    seed = _seed([50, 60, 70, 80, 85, 88, 89, 89.6, 89.9, 90], [80, 89.5, 90])
+    t = time_to_accuracy(cfg, seed, "pbfgs")
+    assert t == {"target_acc": 89.5, "sgd_seconds": 8.0, "route_seconds": 6.0, "ratio": 0.75}
+    never = _seed([50, 60, 70, 80, 85, 88, 89, 89.6, 89.9, 90], [80, 85, 89])
+    assert time_to_accuracy(cfg, never, "pbfgs")["route_seconds"] is None
+    summary = time_to_accuracy_summary(cfg, [seed, never], "pbfgs")
+    assert summary["reached"] == 1 and summary["ratio_mean"] == 0.75
+    untimed = {**seed, "sgd": {"history": [{"epoch": 1, "test_acc": 90.0}]}}
+    assert time_to_accuracy(cfg, untimed, "pbfgs") is None  # a record from before per-epoch times
