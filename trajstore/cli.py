@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", help="mnist1d | digits | cifar10-resnet20 | cifar100-wrn-40-10 | ... | demo")
     run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/EXPERIMENT)")
     run.add_argument("--seed", type=int, default=0, help="first seed; the seeds are SEED, SEED + 1, ...")
-    run.add_argument("--seeds", type=int, default=1, help="number of seeds; results give mean +- std over them")
+    run.add_argument("--seeds", type=int, default=None,
+                     help="number of seeds; results give mean ± std over them (default: 1; 3 for the ablation)")
     run.add_argument("--data-root", default=None, metavar="DIR",
                      help="folder holding the CIFAR data (cifar-10-batches-py/ or cifar-100-python/), the same as "
                           "--set data_root=DIR; the CIFAR experiments need it (default: none)")
