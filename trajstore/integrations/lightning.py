@@ -123,7 +123,9 @@ class TrajectoryCallback(pl.Callback):
         return self.schedule.recorder
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.schedule.start(pl_module, trainer.global_step)
+        # resuming: from this callback's state in the checkpoint, or (a checkpoint saved without
+        # it) from a trainer that starts past step 0
+        self.schedule.start(pl_module, trainer.global_step, resuming=trainer.global_step > 0)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         epoch = trainer.current_epoch + (batch_idx + 1) / max(1, _batches_per_epoch(trainer, batch_idx))
