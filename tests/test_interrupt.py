@@ -34,8 +34,10 @@ def command(out: Path) -> list[str]:
 
 def start(out: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A shell's background job (CI runs the suite as one) has SIGINT ignored, and children inherit
+    # that: give the command the default disposition, as a terminal's foreground job has.
     return subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str, str]:

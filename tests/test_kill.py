@@ -53,7 +53,7 @@ CTX.set_forkserver_preload(["torch", "torch._dynamo", "sklearn.datasets", "matpl
 # Fields that hold wall-clock time, memory peaks, the run folder or the command line: the only
 # ones a resumed run may differ in.
 CLOCK = {"time", "append_seconds", "seconds", "train_seconds", "train_seconds_mean", "wall_seconds", "sampling",
-         "peak_rss_gib", "peak_gpu_gib", "provenance", "out"}
+         "peak_rss_gib", "peak_gpu_gib", "provenance", "out", "time_to_sgd_accuracy"}
 SAMPLE = ["--experiment", "digits", "--epochs", "40", "--sample-epochs", "20", "--snapshot-every", "2",
           "--device", "cpu", "--set", "threads=1"]
 TRAIN = ["--optimizer", "pbfgs+", "--basis", "k6", "--epochs", "80", "--batch-size", "128", "--device", "cpu"]
