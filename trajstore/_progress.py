@@ -64,8 +64,8 @@ def _count(x: float) -> str:
 
 class LineProgress:
     """The part of tqdm's interface the call sites use (``update``, ``set_postfix``, ``close``,
-    iteration, ``with``), printing whole lines: at most one every ``interval`` seconds as updates
-    arrive, and one at :meth:`close`. Nothing is printed when ``disable``."""
+    iteration, ``with``), printing whole lines: one when created, at most one every ``interval``
+    seconds as updates arrive, and one at :meth:`close`. Nothing is printed when ``disable``."""
 
     def __init__(self, iterable: Iterable[Any] | None = None, *, total: float | None = None, desc: str = "",
                  unit: str = "it", initial: float = 0, disable: bool = False, file: IO[str] | None = None,
@@ -79,6 +79,8 @@ class LineProgress:
         self._interval = _interval() if interval is None else interval
         self._started = self._printed = time.monotonic()
         self._postfix = ""
+        if not disable:  # a line when the work starts, as tqdm draws its bar at once
+            self._write(self._line(self._started))
 
     def __iter__(self) -> Iterator[Any]:
         try:
