@@ -473,7 +473,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of a model, a benchmark suite: goals (append throughput vs the disk, the DLDR "
                              "basis at 1M to 55.9M parameters vs the floor and the official approach, P+-BFGS step "
                              "time vs SGD; 18 min on the 2-core machine of benchmarks/README.md, after building "
-                             "stores of up to 23 GB the first time) or one part of it: append, basis, step. The "
+                             "stores of up to 23 GB the first time) or one part of it: append, basis, step; or "
+                             "growth (DLDR time and memory for t = 51 to 801 at n = 4M beside the floor, with "
+                             "fitted exponents; builds a 12.8 GB store the first time). The "
                              "suite's own options follow: trajstore bench --suite goals --help")
     parser.add_argument("--snapshots", type=int, default=101, metavar="T", help="snapshots of the synthetic trajectory")
     parser.add_argument("--dim", type=int, default=40, metavar="D", help="directions of the basis")

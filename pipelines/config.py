@@ -60,6 +60,7 @@ class ExperimentConfig:
     psgd_lr: float = 0.1               # P-SGD (momentum 0.9) step size on the coordinates
     residual_lr: float = 0.01          # P+-BFGS: SGD with momentum 0.9 on the residual gradient
     basis_mode: str = "auto"           # resident | mmap | stream | auto (see DeviceBasis)
+    basis_dtype: str = "float32"       # U on the device: float32 or bfloat16 (half the bytes; see DeviceBasis)
     shard_basis: bool = False          # several processes: each holds 1/N of U's rows (see DeviceBasis)
     # -- evaluation and running
     projection_k: int = 5              # Figure 2b: projection onto the top k directions
@@ -160,6 +161,7 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "optimizer": (lambda v: v in ("sgd", "adam"), "'sgd' or 'adam'"),
     "storage_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     "basis_mode": (lambda v: v in ("auto", "resident", "mmap", "stream"), "auto, resident, mmap or stream"),
+    "basis_dtype": (lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", v, re.ASCII) is not None,
                "auto, cpu, mps, cuda or cuda:N"),
     "data": (lambda v: v in ("mnist1d", "digits", "cifar10", "cifar100") or v.startswith("imagefolder:"),

@@ -24,6 +24,7 @@ included) leaves each file whole or absent and resumes with the same command.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -370,7 +371,8 @@ def train_subspace(cfg: ExperimentConfig, folder: Path, seed: int, method: str, 
     with TrajectoryStore.open(store or folder / STORE, trajectory=basis.trajectory,
                               storage_options=storage_options) as trajectory:
         trajectory.load_into(model, basis.start)
-    on_device = basis.on(setup.device, mode=cfg.basis_mode, shard=cfg.shard_basis)
+    on_device = basis.on(setup.device, dtype=getattr(torch, cfg.basis_dtype), mode=cfg.basis_mode,
+                         shard=cfg.shard_basis)
     opt = _subspace_optimizer(cfg, method, model, on_device)
     state: dict[str, Any] = {"epoch": 0, "history": [], "seconds": 0.0}
     ckpt = _load_checkpoint(ckpt_path)
@@ -476,6 +478,7 @@ def projection_accuracy(cfg: ExperimentConfig, folder: Path, seed: int, basis: t
 def run_seed(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     """Every stage for one seed, each skipped when already done."""
     folder = cfg.folder / f"seed-{seed}"
+    status.enter("the set-up (model and data)", seed)
     setup = _Setup(cfg, seed)
     sampled = sample(cfg, folder, seed, setup)
     basis, basis_info = compute_basis(cfg, folder, sampled)
@@ -499,6 +502,9 @@ def _check_folder(cfg: ExperimentConfig) -> None:
     mine = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in _RUNTIME_FIELDS}
     if path.exists():
         theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _RUNTIME_FIELDS}
+        for field in dataclasses.fields(cfg):  # a field added since that run: it ran with the default
+            if field.name in mine and field.name not in theirs and field.default is not dataclasses.MISSING:
+                theirs[field.name] = json.loads(json.dumps(field.default))
         if theirs == mine:
             if any(cfg.folder.glob("seed-*/*.json")) or any(cfg.folder.glob("seed-*/*.ckpt.pt")):
                 print(f"{cfg.folder}: resuming the run of this config (finished stages are read back)", flush=True)
@@ -523,6 +529,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     """All seeds end to end, then the report (``results.json``, figures, a printed table)."""
     from .report import write_report
 
+    status.reset()  # before the first stage, an interrupt is one "while starting"
     if ranks.is_main():
         _check_folder(cfg)
     ranks.barrier()
@@ -530,4 +537,5 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     per_seed = [run_seed(cfg, cfg.seed + s) for s in range(cfg.seeds)]
     if not ranks.is_main():
         return {"rank": ranks.rank(), "seeds": per_seed}
+    status.enter("the report")
     return write_report(cfg, per_seed, time.perf_counter() - started)

@@ -3,7 +3,7 @@ SGD (seed 0, epoch 3 of 10); run the same command to resume``)."""
 
 from __future__ import annotations
 
-__all__ = ["describe", "enter", "epoch"]
+__all__ = ["describe", "enter", "epoch", "reset"]
 
 _where: dict[str, object] = {}
 
@@ -12,6 +12,11 @@ def enter(stage: str, seed: int | None = None) -> None:
     """A stage of the run starts (its epochs are reported by :func:`epoch`)."""
     _where.clear()
     _where.update(stage=stage, seed=seed)
+
+
+def reset() -> None:
+    """No stage is running (a command starts)."""
+    _where.clear()
 
 
 def epoch(current: int, total: int) -> None:

@@ -161,7 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with TrajectoryStore.open(args.store, trajectory=args.trajectory, storage_options=options) as store:
         attrs, trajectory, layout = store.attrs, store.name, store.layout
     recorded = attrs.get("experiment")
-    flags = {k: str(v) for k, v in vars(args).items() if k in ("data", "data_root", "model", "device") and v is not None}
+    flags = {k: str(v) for k, v in vars(args).items()
+             if k in ("data", "data_root", "model", "device", "basis_dtype") and v is not None}
     if recorded is None and not {"data", "model"} <= set(flags):
         raise ValueError(f"{args.store} was not recorded by 'trajstore sample': say which --data and --model it holds")
     # A store's attrs are input like any file's: checked (types, ranges, a known model of the
@@ -184,6 +185,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      progress=ranks.is_main(), storage_options=options)
     folder = Path(args.out) if args.out else Path(os.fspath(args.store)).resolve().parent
     tag = f"train-{args.optimizer}-{basis.name}-e{args.epochs}-b{args.batch_size}"
+    tag += "" if args.basis_dtype == "float32" else f"-{args.basis_dtype}"
     result = train_subspace(cfg, folder, seed, args.optimizer, basis, epochs=args.epochs,
                             batch_size=args.batch_size, tag=tag, store=args.store, storage_options=options)
     last = result["history"][-1] if result["history"] else {"test_acc": float("nan")}
@@ -370,11 +372,16 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _where() -> str:
-    """`` during STAGE (seed S, epoch E of N)`` when an experiment stage was running."""
+def _where(args: argparse.Namespace | None) -> str:
+    """`` during STAGE (seed S, epoch E of N)`` when an experiment stage was running; `` while
+    starting`` when an experiment command had not reached its first stage (imports, checks)."""
     status = sys.modules.get("pipelines.status")
     text = status.describe() if status is not None else ""
-    return f" during {text}" if text else ""
+    if text:
+        return f" during {text}"
+    if args is None or getattr(args, "func", None) in (_cmd_run, _cmd_sample, _cmd_train):
+        return " while starting (nothing was done)"
+    return ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -495,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", default=None, metavar="DIR", help=f"folder holding the CIFAR data ({recorded})")
     train.add_argument("--model", default=None, help=f"model of the run, {_MODELS} ({recorded}; needed for other stores)")
     train.add_argument("--device", default=None, help=f"auto | cpu | cuda[:N] ({recorded}, else auto)")
+    train.add_argument("--basis-dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="U on the device: bfloat16 halves its memory and the bytes each product reads, "
+                            "rounding U by 2**-9 (products accumulate in float32; see DeviceBasis)")
     train.add_argument("--out", default=None, metavar="DIR",
                        help="folder for the result (default: the store's folder; needed for a store at a URL)")
     _add_storage_option(train)
@@ -553,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipelines import bench
 
         return bench.main(argv[1:])
+    args = None
     try:
         args = build_parser().parse_args(argv)
         code = _in_job(args, argv)
@@ -563,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trajstore: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"trajstore: interrupted{_where()}; run the same command to resume", file=sys.stderr)
+        print(f"trajstore: interrupted{_where(args)}; run the same command to resume", file=sys.stderr)
         return 130
     from .launch import shutdown
 

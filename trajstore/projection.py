@@ -50,7 +50,15 @@ class DeviceBasis:
     basis : Basis
     device : torch.device or str
     dtype : torch.dtype
-        Arithmetic dtype of the products (float32 by default; float64 for reference checks).
+        The dtype U is held in on the device: float32 (default), float64 (reference checks), or
+        bfloat16 / float16, which halve U's memory and the bytes read per product. With a
+        half-precision U the vector is rounded to that dtype for the product, the device's
+        matrix product accumulates in float32 (cuBLAS; torch's CPU kernels), and results come
+        back in float32 (:attr:`compute_dtype`): ``project`` gives float32 coordinates, summed
+        over chunks in float32. U's own rounding (relative 2**-9 in bfloat16) tilts the subspace
+        by about 0.1 degree; both products use the rounded U, so training moves in its span (up
+        to the rounding of each step's values, 2**-9 relative). On a CPU without native bfloat16 the products are slower than in float32
+        (``benchmarks/bf16_basis.py``): there, use it for memory.
     mode : {"auto", "resident", "mmap", "stream"}
         ``auto`` picks ``resident`` when U fits in a quarter of the free device memory (CUDA) or
         when the store is not local (CPU), else ``mmap`` on CPU and ``stream`` on CUDA, and logs
@@ -69,6 +77,8 @@ class DeviceBasis:
         The rows of U this rank holds (``0, n`` unsharded).
     nbytes : int
         Bytes of U this rank holds: ``(hi - lo) * d * itemsize``.
+    compute_dtype : torch.dtype
+        The dtype of the products' results: ``dtype``, or float32 for a half-precision U.
     """
 
     def __init__(self, basis: Basis, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float32,
@@ -81,6 +91,7 @@ class DeviceBasis:
         self.basis = basis
         self.device = torch.device(device)
         self.dtype = dtype
+        self.compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.n, self.d = basis.n, basis.d
         self.rows = int(basis.metadata.get("u_chunk_rows") or min(basis.n, 1 << 16))
         self._group, self.lo, self.hi, self._bounds = self._shard(shard, process_group)
@@ -196,14 +207,16 @@ class DeviceBasis:
             i = a // self.rows
             first = max(self.lo, i * self.rows)
             host = self._maps[i][a - first:b - first]
-            return host.to(self.device, self.dtype, non_blocking=False) if (self.device.type != "cpu" or self.dtype != torch.float32) else host
+            if self.dtype != torch.float32:
+                host = host.to(self.dtype)  # on the host: a half-precision U crosses the bus in half the bytes
+            return host.to(self.device) if self.device.type != "cpu" else host
         values = self.basis.rows(a, b)
         if self.device.type == "cuda":
             if self._staging is None:
-                self._staging = torch.empty((self.rows, self.d), dtype=torch.float32, pin_memory=True)
+                self._staging = torch.empty((self.rows, self.d), dtype=self.dtype, pin_memory=True)
             staged = self._staging[: b - a]
-            staged.copy_(torch.from_numpy(values))
-            out = staged.to(self.device, self.dtype, non_blocking=True)
+            staged.copy_(torch.from_numpy(values))  # converted on the host, as above
+            out = staged.to(self.device, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
             return out
         return torch.from_numpy(values).to(self.dtype)
@@ -251,7 +264,7 @@ class DeviceBasis:
         partial products are summed (one all-reduce of d values; every rank gets the same bits)."""
         tensors = self._as_list(grad)
         offsets, _ = self._offsets(tensors)
-        out = torch.zeros(self.d, dtype=self.dtype, device=self.device)
+        out = torch.zeros(self.d, dtype=self.compute_dtype, device=self.device)
         gathered = torch.empty(min(self.step_rows, max(self.hi - self.lo, 1)), dtype=self.dtype, device=self.device)
         for a, b in self._ranges(self.step_rows):
             segs = list(self._segments(tensors, a, b, offsets))
@@ -262,7 +275,7 @@ class DeviceBasis:
                 for flat, lo, hi in segs:
                     g[pos:pos + hi - lo].copy_(flat[lo:hi])
                     pos += hi - lo
-            out += self.chunk(a, b).T @ g
+            out += (self.chunk(a, b).T @ g).to(self.compute_dtype)
         return sum_over_ranks(out, self._group)
 
     @torch.no_grad()
@@ -277,7 +290,7 @@ class DeviceBasis:
         if z.shape != (self.d,):
             raise ValueError(f"coords must have shape ({self.d},), got {tuple(coords.shape)}")
         if out is None:
-            flat = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+            flat = torch.zeros(self.n, dtype=self.compute_dtype, device=self.device)
             self.lift(z, out=[flat])
             return flat
         tensors = list(out)

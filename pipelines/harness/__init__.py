@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 
-SUITES = ("goals", "append", "basis", "step")
+SUITES = ("goals", "append", "basis", "step", "growth")
 
 
 def suite_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:

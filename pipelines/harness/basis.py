@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import suite_parser
-from .measure import available_bytes, drop_caches, peak_rss_bytes, report_spread
+from .measure import available_bytes, drop_caches, gemm_rate, peak_rss_bytes, report_spread
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "benchmarks"
@@ -99,7 +99,7 @@ def build_store(size: str, t: int, path: Path) -> None:
 
 # ---------------------------------------------------------------- children (one measurement each)
 
-def child_trajstore(path: Path, d: int) -> dict[str, Any]:
+def child_trajstore(path: Path, d: int, stop: int | None = None) -> dict[str, Any]:
     import zarr
 
     from trajstore import TrajectoryStore, dldr
@@ -110,72 +110,61 @@ def child_trajstore(path: Path, d: int) -> dict[str, Any]:
         if key in root:
             del root[key]
     start = time.perf_counter()
-    basis = dldr(store, d)
+    basis = dldr(store, d, stop=stop)
     return {"seconds": time.perf_counter() - start, "orthonormality": basis.orthonormality,
-            "sigma": basis.singular_values[:3].tolist()}
+            "sigma": basis.singular_values[:3].tolist(), "window": [basis.start, basis.stop]}
 
 
-def child_official(path: Path, d: int) -> dict[str, Any]:
+def child_official(path: Path, d: int, stop: int | None = None) -> dict[str, Any]:
     from sklearn.decomposition import PCA
 
     from trajstore import TrajectoryStore
 
     store = TrajectoryStore.open(path)
     start = time.perf_counter()
-    w = np.array([store.snapshot(i) for i in range(len(store))])  # as the official code stacks its list
+    w = np.array([store.snapshot(i) for i in range(stop or len(store))])  # as the official code stacks its list
     pca = PCA(n_components=d)
     pca.fit_transform(w)
     return {"seconds": time.perf_counter() - start, "sigma": pca.singular_values_[:3].tolist()}
 
 
-def child_svd_compressed(path: Path, d: int) -> dict[str, Any]:
+def child_svd_compressed(path: Path, d: int, stop: int | None = None) -> dict[str, Any]:
     import dask.array as da
 
     from trajstore import TrajectoryStore
 
     store = TrajectoryStore.open(path)
     start = time.perf_counter()
-    x = store.to_dask()
+    x = store.to_dask()[:stop]
     w = (x - x.mean(axis=0)).T  # (n, t), chunked along n
     u, s, v = da.linalg.svd_compressed(w, k=d, seed=0)
     u, s = da.compute(u, s)
     return {"seconds": time.perf_counter() - start, "sigma": s[:3].tolist()}
 
 
-def child_floor(path: Path, d: int) -> dict[str, Any]:
+def child_floor(path: Path, d: int, stop: int | None = None) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from trajstore import TrajectoryStore
 
     store = TrajectoryStore.open(path)
-    t, n = len(store), store.n
-    files = sorted((path / store.prefix / "params" / "c").rglob("*"))
-    files = [f for f in files if f.is_file()]
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    local = threading.local()
+    t, n = stop or len(store), store.n
+    chunks = path / store.prefix / "params" / "c"
+    files = [f for row in range(t) for f in sorted((chunks / str(row)).glob("*")) if f.is_file()]
 
     def read_file(f: Path) -> int:
-        if not hasattr(local, "view"):
-            local.view = memoryview(bytearray(8 * 2**20))
-        got_total = 0
+        view, total = memoryview(bytearray(8 << 20)), 0
         with open(f, "rb", buffering=0) as fh:
-            while (got := fh.readinto(local.view)) > 0:
-                got_total += got
-        return got_total
+            while (got := fh.readinto(view)) > 0:
+                total += got
+        return total
 
     # The best this disk does for these files: 8 concurrent sequential readers (more did not help).
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=8) as pool:
         total = sum(pool.map(read_file, files))
     read_s = time.perf_counter() - start
-    x = np.random.default_rng(0).standard_normal((t, 1 << 16))
-    x @ x.T
-    reps = 5
-    start = time.perf_counter()
-    for _ in range(reps):
-        x @ x.T
-    gemm_s = (time.perf_counter() - start) / reps
-    flops_per_s = 2 * t * t * x.shape[1] / gemm_s
+    flops_per_s = gemm_rate(t)
     gram_blas_s = 2 * n * t * t / flops_per_s
     return {"read_s": read_s, "read_bytes": total, "read_GBps": total / read_s / 1e9, "gemm_GFLOPS": flops_per_s / 1e9,
             "gram_blas_s": gram_blas_s, "seconds": 2 * read_s + gram_blas_s,
@@ -187,9 +176,12 @@ CHILDREN = {"trajstore": child_trajstore, "official": child_official, "svd_compr
 PREDICTED_FACTOR = {"official": 3.6, "svd_compressed": 1.75}  # peak / bytes of W, measured (shared/MEASURED.md)
 
 
-def run_child(method: str, path: Path, d: int) -> dict[str, Any]:
+def run_child(method: str, path: Path, d: int, stop: int | None = None) -> dict[str, Any]:
+    """One measurement in a fresh process, page cache dropped first; ``stop``: the window
+    ``[0, stop)`` of the store's snapshots (default: all)."""
     cold = drop_caches()
     cmd = [sys.executable, "-m", "pipelines.harness.basis", "--child", method, "--store", str(path), "--d", str(d)]
+    cmd += [] if stop is None else ["--stop", str(stop)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout)[-2000:], "returncode": proc.returncode}
@@ -212,6 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="keep rows of other sizes from an existing --out file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stop", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
@@ -222,7 +215,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, An
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.child:
-        result = CHILDREN[args.child](Path(args.store), args.d)
+        result = CHILDREN[args.child](Path(args.store), args.d, args.stop)
         result["peak_rss_bytes"] = peak_rss_bytes()
         print(json.dumps(result))
         return result

@@ -98,6 +98,21 @@ def report_spread(figure: str, runs: list[float], *, advice: str = "rerun or add
     return warning
 
 
+def gemm_rate(t: int) -> float:
+    """The machine's best float64 rate, in flop/s, for a Gram-pass product (t x 65,536 by its
+    transpose): the fastest of 5 timings of at least 0.2 s each (a floor is what the machine can do)."""
+    x = np.random.default_rng(0).standard_normal((t, 1 << 16))
+    x @ x.T
+    best = 0.0
+    for _ in range(5):
+        reps, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < 0.2 or reps == 0:
+            x @ x.T
+            reps += 1
+        best = max(best, 2 * t * t * x.shape[1] * reps / elapsed)
+    return best
+
+
 def write_result(path: Path, result: dict[str, Any]) -> None:
     from pipelines.provenance import provenance
 

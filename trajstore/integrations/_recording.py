@@ -21,7 +21,7 @@ from ..errors import InvalidStoreError, TrajstoreError
 from ..recorder import Recorder
 from ..store import DEFAULT_TRAJECTORY
 
-__all__ = ["ResumeMismatchError", "SnapshotSchedule"]
+__all__ = ["RecordingCallback", "ResumeMismatchError", "SnapshotSchedule"]
 
 _STATE_VERSION = 1
 
@@ -55,7 +55,7 @@ class SnapshotSchedule:
         self.every_n_epochs = _positive("every_n_epochs", every_n_epochs)
         if self.every_n_steps is None and self.every_n_epochs is None:
             raise ValueError("give every_n_steps, every_n_epochs or both")
-        self._store, self._trajectory, self._resume = store, trajectory, bool(resume)
+        self.store, self.trajectory, self._resume = store, trajectory, bool(resume)
         self._options, self._background = dict(create_options or {}), background
         self.recorder: Recorder | None = None
         self._restored: dict[str, Any] | None = None
@@ -90,7 +90,7 @@ class SnapshotSchedule:
         if self.recorder is not None:
             return
         resumed = self._restored is not None or resuming
-        self.recorder = Recorder(self._store, model, initial=not resumed, trajectory=self._trajectory,
+        self.recorder = Recorder(self.store, model, initial=not resumed, trajectory=self.trajectory,
                                  resume=resumed or self._resume, create_options=self._options,
                                  background=self._background)
         store = self.recorder.store
@@ -160,6 +160,44 @@ class SnapshotSchedule:
                 f"run was resumed, and the resumed run reached {what}: training is not deterministic across the "
                 "resume (data order, dropout or other RNG state not restored), so the store would mix two runs. "
                 "Record into a new trajectory, or resume from a checkpoint saved after the last snapshot.")
+
+
+class RecordingCallback:
+    """What the frameworks' ``TrajectoryCallback`` classes share: their constructor and
+    :attr:`recorder`; each framework's class turns its events into :class:`SnapshotSchedule` calls."""
+
+    def __init__(self, store: Any, *, every_n_steps: int | None = None, every_n_epochs: int | None = None,
+                 trajectory: str = DEFAULT_TRAJECTORY, resume: bool = False,
+                 create_options: Mapping[str, Any] | None = None, background: bool = True) -> None:
+        """
+        Parameters
+        ----------
+        store : str, path, zarr Store or TrajectoryStore
+            Where to record (created on a fresh run; an existing trajectory is refused unless
+            ``resume=True``).
+        every_n_steps, every_n_epochs : int, optional
+            The schedule; at least one. Default: every epoch.
+        trajectory : str
+            Trajectory name.
+        resume : bool
+            Append to an existing trajectory on a fresh run too (without a checkpoint).
+        create_options : mapping, optional
+            Passed to :meth:`trajstore.TrajectoryStore.create` (``storage_dtype``, ``chunk_bytes``,
+            ``attrs``, ``durable``, ``storage_options``).
+        background : bool
+            Write in a thread (default) or inside the training loop.
+        """
+        super().__init__()
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        self.schedule = SnapshotSchedule(store, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+                                         trajectory=trajectory, resume=resume, create_options=create_options,
+                                         background=background)
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The :class:`trajstore.Recorder` while training runs (None before and after)."""
+        return self.schedule.recorder
 
 
 def _same_parameters(store: Any, model: torch.nn.Module, index: int) -> bool:

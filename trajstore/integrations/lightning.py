@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from ..store import DEFAULT_TRAJECTORY, TrajectoryStore
-from ._recording import ResumeMismatchError, SnapshotSchedule
+from ..store import TrajectoryStore
+from ._recording import RecordingCallback, ResumeMismatchError
 
 try:
     import lightning.pytorch as pl
@@ -65,7 +65,7 @@ def _loss_of(outputs: Any) -> float | None:
     return None
 
 
-class TrajectoryCallback(pl.Callback):
+class TrajectoryCallback(RecordingCallback, pl.Callback):
     """Record the module's parameters (and persistent buffers) into a trajectory during ``fit``.
 
     Snapshot 0 is the module when training starts; then one snapshot every ``every_n_steps``
@@ -82,45 +82,15 @@ class TrajectoryCallback(pl.Callback):
     and :class:`ResumeMismatchError` is raised if they differ (training was not deterministic
     across the resume). Under DDP only rank 0 writes.
 
-    Parameters
-    ----------
-    store : str, path, zarr Store or TrajectoryStore
-        Where to record (created on a fresh run; an existing trajectory is refused unless
-        ``resume=True``).
-    every_n_steps, every_n_epochs : int, optional
-        The schedule; at least one. Default: every epoch.
-    trajectory : str
-        Trajectory name.
-    resume : bool
-        Append to an existing trajectory on a fresh ``fit`` too (without a checkpoint).
-    create_options : mapping, optional
-        Passed to :meth:`trajstore.TrajectoryStore.create` (``storage_dtype``, ``chunk_bytes``,
-        ``attrs``, ``durable``, ``storage_options``).
-    background : bool
-        Write in a thread (default) or inside the training loop.
+    The constructor's parameters: :class:`~trajstore.integrations._recording.RecordingCallback`.
     """
-
-    def __init__(self, store: Any, *, every_n_steps: int | None = None, every_n_epochs: int | None = None,
-                 trajectory: str = DEFAULT_TRAJECTORY, resume: bool = False,
-                 create_options: Mapping[str, Any] | None = None, background: bool = True) -> None:
-        super().__init__()
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
-        self.schedule = SnapshotSchedule(store, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
-                                         trajectory=trajectory, resume=resume, create_options=create_options,
-                                         background=background)
-        where = store.url if isinstance(store, TrajectoryStore) else str(store)
-        self._key = f"{type(self).__qualname__}[{where}#{trajectory}]"
 
     @property
     def state_key(self) -> str:
         """One per store and trajectory, so that several callbacks can share a Trainer."""
-        return self._key
-
-    @property
-    def recorder(self) -> Any:
-        """The :class:`trajstore.Recorder` while training runs (None before and after)."""
-        return self.schedule.recorder
+        store = self.schedule.store
+        where = store.url if isinstance(store, TrajectoryStore) else str(store)
+        return f"{type(self).__qualname__}[{where}#{self.schedule.trajectory}]"
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # resuming: from this callback's state in the checkpoint, or (a checkpoint saved without

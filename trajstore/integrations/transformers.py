@@ -25,7 +25,6 @@ Install with ``pip install 'trajstore[transformers]'``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,8 +36,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
                       "pip install 'trajstore[transformers]'") from e
 
 from ..pbfgs import PBFGS
-from ..store import DEFAULT_TRAJECTORY
-from ._recording import ResumeMismatchError, SnapshotSchedule
+from ._recording import RecordingCallback, ResumeMismatchError
 
 __all__ = ["ResumeMismatchError", "SubspaceTrainer", "TrajectoryCallback"]
 
@@ -49,7 +47,7 @@ def _learning_rate(optimizer: Any) -> float | None:
     return float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None
 
 
-class TrajectoryCallback(TrainerCallback):
+class TrajectoryCallback(RecordingCallback, TrainerCallback):
     """Record the model's parameters (and persistent buffers) into a trajectory during
     ``Trainer.train``.
 
@@ -65,37 +63,8 @@ class TrajectoryCallback(TrainerCallback):
     bit when it reaches their step (the Trainer restores the data order and RNG state, so they
     match), and :class:`ResumeMismatchError` is raised if they differ.
 
-    Parameters
-    ----------
-    store : str, path, zarr Store or TrajectoryStore
-        Where to record (created on a fresh run; an existing trajectory is refused unless
-        ``resume=True``).
-    every_n_steps, every_n_epochs : int, optional
-        The schedule; at least one. Default: every epoch.
-    trajectory : str
-        Trajectory name.
-    resume : bool
-        Append to an existing trajectory on a fresh run too.
-    create_options : mapping, optional
-        Passed to :meth:`trajstore.TrajectoryStore.create` (``storage_dtype``, ``chunk_bytes``,
-        ``attrs``, ``durable``, ``storage_options``).
-    background : bool
-        Write in a thread (default) or inside the training loop.
+    The constructor's parameters: :class:`~trajstore.integrations._recording.RecordingCallback`.
     """
-
-    def __init__(self, store: Any, *, every_n_steps: int | None = None, every_n_epochs: int | None = None,
-                 trajectory: str = DEFAULT_TRAJECTORY, resume: bool = False,
-                 create_options: Mapping[str, Any] | None = None, background: bool = True) -> None:
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
-        self.schedule = SnapshotSchedule(store, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
-                                         trajectory=trajectory, resume=resume, create_options=create_options,
-                                         background=background)
-
-    @property
-    def recorder(self) -> Any:
-        """The :class:`trajstore.Recorder` while training runs (None before and after)."""
-        return self.schedule.recorder
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.schedule.start(_model(model), state.global_step, resuming=state.global_step > 0)
