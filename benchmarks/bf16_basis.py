@@ -17,6 +17,7 @@ Written to benchmarks/results/bf16_basis.json with the config, versions and comm
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def products(n: int, d: int, rounds: int, tmp: Path) -> dict:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(n))
 
+    torch.set_num_threads(os.cpu_count() or 1)  # the MNIST-1D runs set one thread for their small model
     model, gen = Flat(), torch.Generator().manual_seed(0)
     path = tmp / "products.zarr"
     print(f"products: writing {d + 1} snapshots of n = {n:,} for a {d}-D basis", flush=True)

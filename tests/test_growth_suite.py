@@ -23,10 +23,11 @@ def test_exponent_recovers_a_power_law() -> None:
 
 def test_summary_reports_each_t_and_the_exponents() -> None:
     rows = [{"t": t, "trajstore": {"seconds": 2.0 * t, "peak_rss_GiB": 0.1},
-             "floor": {"seconds": t, "runs": [{"read_s": t / 2, "gram_blas_s": t, "two_reads_plus_gemm_s": 2.0 * t}]},
-             "vs_floor": 2.0} for t in (51, 101)]
+             "floor": {"seconds": t, "runs": [{"read_s": t / 2, "gram_blas_s": t, "two_reads_plus_gemm_s": 2.0 * t,
+                                                "u_write_s": 1.0}]},
+             "vs_floor": 2.0, "vs_floor_with_u_write": 2.0 * t / (t + 1)} for t in (51, 101)]
     table = summarize(rows, {"trajstore_seconds": 1.0, "floor_seconds": 1.0, "trajstore_peak_rss": 0.0})
-    assert table.count("\n| ") == 2 and "| 101 | 202.0 | 101.0 |" in table and "trajstore 1.00" in table
+    assert table.count("\n| ") == 2 and "| 101 | 202.0 | 101.0 | 50.5 | 101.0 | 2.00x | 1.0 | 1.98x |" in table and "trajstore 1.00" in table
 
 
 @pytest.mark.slow
@@ -47,5 +48,6 @@ def test_a_small_growth_run_end_to_end(tmp_path: Path) -> None:
         assert floor["read_bytes"] == window >= 4_000_000 * r["t"]  # the window's chunk files, no more
         assert r["floor"]["seconds"] == max(floor["read_s"], floor["gram_blas_s"])
         assert np.isclose(r["vs_floor"], r["trajstore"]["seconds"] / r["floor"]["seconds"])
+        assert floor["with_u_write_s"] == floor["seconds"] + floor["u_write_s"] and floor["u_write_s"] > 0
     assert set(doc["exponents"]) == {"trajstore_seconds", "floor_seconds", "trajstore_peak_rss"}
     assert "provenance" in doc

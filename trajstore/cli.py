@@ -209,7 +209,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         model, shape = resolve_model(args.model, shape)
     acts = activation_bytes(model, shape, args.batch) if args.batch and shape else 0
     result = plan(Layout.from_model(model, allow_meta=True), args.snapshots, args.dim, storage_dtype=args.storage_dtype,
-                  device=args.device, workers=args.workers, activations=acts)
+                  device=args.device, workers=args.workers, activations=acts, basis_dtype=args.basis_dtype)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
     return 0
 
@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan_.add_argument("--dim", type=int, default=40, metavar="D", help="directions of the basis, d")
     plan_.add_argument("--storage-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="dtype of the stored snapshots")
+    plan_.add_argument("--basis-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="dtype of U during training (bfloat16: half the memory and per-step reads)")
     plan_.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training runs")
     plan_.add_argument("--batch", type=int, default=128, help="training batch, for activation memory; 0 leaves it out")
     plan_.add_argument("--input-shape", default=None, metavar="C,H,W",

@@ -147,7 +147,7 @@ def _on_meta(model: torch.nn.Module) -> bool:
 
 def plan(layout: Layout, t: int, d: int = 40, *, storage_dtype: str = "float32", device: str = "cpu",
          chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None, baseline_bytes: int | None = None,
-         activations: int = 0, plus: bool = True) -> Plan:
+         activations: int = 0, plus: bool = True, basis_dtype: str = "float32") -> Plan:
     """Predicted cost of each stage for ``t`` snapshots of ``layout`` and a ``d``-dim basis.
 
     Parameters
@@ -172,6 +172,9 @@ def plan(layout: Layout, t: int, d: int = 40, *, storage_dtype: str = "float32",
         training step runs in the process.
     plus : bool
         P+-BFGS (one momentum buffer per parameter) rather than P-BFGS.
+    basis_dtype : {"float32", "bfloat16", "float16"}
+        The dtype U is held in during training (``basis.on(device, dtype=...)``): a half-precision
+        U takes half the device memory and per-step reads.
     """
     if t < 2 or d < 1 or d > t - 1:
         raise ValueError(f"need t >= 2 snapshots and 1 <= d <= t - 1, got t = {t}, d = {d}")
@@ -222,7 +225,10 @@ def plan(layout: Layout, t: int, d: int = 40, *, storage_dtype: str = "float32",
                       u_bytes, basis_terms)
     # ---- training in the subspace (P+-BFGS, restore="copy")
     stages = [sample, gram, basis]
-    u = n * d * 4
+    if basis_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"basis_dtype must be 'float32', 'bfloat16' or 'float16', got {basis_dtype!r}")
+    u_item = 4 if basis_dtype == "float32" else 2
+    u = n * d * u_item
     for mode in ("resident", "mmap", "stream"):
         model_terms = {"parameters + gradients": 8 * n + layout.buffer_nbytes, "restore copy": 4 * n}
         if plus:
@@ -238,7 +244,7 @@ def plan(layout: Layout, t: int, d: int = 40, *, storage_dtype: str = "float32",
         elif mode == "mmap":
             pass  # U's mapped file pages: in RSS once touched, not private memory; the OS may evict them
         else:
-            host["chunk buffers"] = 2 * min(n, u_rows) * d * 4
+            host["chunk buffers"] = 2 * min(n, u_rows) * d * u_item
         per_step = 0 if mode == "resident" else 3 * u       # project, lift, residual lift (+1 per extra trial)
         stages.append(StagePlan(f"train ({mode})", store_bytes + gram_bytes + u_bytes,
                                 baseline + sum(host.values()), gpu, u if mode == "resident" else per_step, 0,
