@@ -140,7 +140,6 @@ def one_model(name: str, args: argparse.Namespace, device: torch.device, folder:
         print(f"{name} P+-BFGS, U resident in {dtype} ({placed.nbytes / 2**30:.2f} GiB): step {step_ms:.1f} ms = "
               f"{step_ms / sgd_ms:.2f}x SGD, {step_ms / row['floor_ms']:.2f}x the floor; mean trials "
               f"{statistics.mean(pbfgs.stats['trials']):.2f}{memory}", flush=True)
-        del pbfgs, placed
     row["bf16_vs_fp32_step"] = row["bfloat16"]["step_ms"] / row["float32"]["step_ms"]
     return row
 
