@@ -18,11 +18,11 @@ def _find_store(arg: str) -> str:
     """The store a command was given: a URL as it is; a local path that does not exist is an
     error (missing is not damaged); the folder of ``trajstore sample`` (OUT/trajectory.zarr) or of
     a one-seed ``trajstore run`` (OUT/seed-S/trajectory.zarr) stands for its store, said on stderr."""
-    from pathlib import Path
+    from ._backend import local_path
 
-    if "://" in arg:
+    path = local_path(arg)
+    if path is None:  # another backend's URL: as it is
         return arg
-    path = Path(arg).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{arg} does not exist")
     if not path.is_dir() or (path / "zarr.json").exists():
