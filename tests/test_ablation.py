@@ -11,6 +11,7 @@ from pipelines import ablation
 from trajstore.cli import main
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it, the everyday subset does not
 def test_tiny_ablation_writes_table_figure_and_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ab"
     assert main(["run", "ablation", "--out", str(out), "--seeds", "1", "--set", "short=1", "--set", "long=2",

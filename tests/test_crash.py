@@ -115,6 +115,7 @@ def test_reader_never_sees_a_partly_written_snapshot(tmp_path: Path) -> None:
     assert len(seen) >= 10 and reads >= 20  # the reader really overlapped the writer
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it, the everyday subset does not
 def test_second_writer_process_is_refused_while_the_first_lives(tmp_path: Path) -> None:
     path = tmp_path / "lease.zarr"
     child = _spawn(path, "--pause", "0.2")

@@ -37,6 +37,10 @@ with TrajectoryStore.create(sys.argv[1], m, chunk_bytes=32) as s:
         s.append(m, step=10 * k, epoch=k, lr=0.1, metrics={"loss": 1.0 / (k + 1)}, rng_state=(k == 1))
 """
 
+# It runs the previous version's code in other processes (seconds): the full suite runs it, the
+# everyday subset (-m 'not slow') does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def fixture_store(tmp_path_factory: pytest.TempPathFactory) -> Path:

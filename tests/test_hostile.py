@@ -748,6 +748,7 @@ def test_fuzz_verify(bases: Callable[[str], Base], data: st.DataObject) -> None:
     run_case(base, key, dumps(doc), what, "verify", check_verify=True)
 
 
+@pytest.mark.slow  # seconds: the full suite runs it, the everyday subset does not
 @settings(FUZZ, max_examples=WRITER_EXAMPLES)
 @given(data=st.data())
 def test_fuzz_writer_lease_memory(base: Base, data: st.DataObject) -> None:

@@ -377,6 +377,7 @@ def test_report_files_appear_only_by_rename(ran: tuple[Path, Timing], tmp_path: 
     assert sorted(p.name for p in cfg.folder.iterdir()) == sorted(["results.json", *doc["figures"]])
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it, the everyday subset does not
 def test_a_checkpoint_left_beside_a_finished_stage_is_removed(sampled: tuple[Path, Timing], tmp_path: Path) -> None:
     # Regression (issue #7): a kill between writing sgd.json and unlinking sgd.ckpt.pt left the
     # final checkpoint behind for good; a stage re-run after its .json was removed resumed from it.

@@ -59,6 +59,7 @@ def _plant(url: str, **fields: object) -> None:
     path.write_text(json.dumps({**doc, **fields}))
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it, the everyday subset does not
 def test_second_process_is_refused_by_name_and_a_killed_holder_does_not_block(url: str) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE, text=True)
     try:

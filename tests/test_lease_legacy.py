@@ -27,6 +27,10 @@ from trajstore.verify import verify
 CHUNK_BYTES = 128
 LOCK = Path("trajectories") / "default" / "writer.lock"
 
+# It runs the previous version's code in other processes (seconds): the full suite runs it, the
+# everyday subset (-m 'not slow') does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -236,6 +236,7 @@ def test_every_shown_command_is_run_here() -> None:
     assert sorted(shlex.split(c)[1] for _, c, _ in COMMANDS) == ["info", "plan", "run", "verify"]
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it, the everyday subset does not
 def test_run_refusal_prints_the_shown_line(tmp_path: Path) -> None:
     """The refused ``run`` shown in the README prints that one line (to stderr, exit 2), from the
     config alone, and writes nothing."""

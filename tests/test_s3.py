@@ -244,6 +244,7 @@ def test_cli_train_from_a_store_on_s3(server: MotoServer, bucket: str, tmp_path:
     assert open_basis(url, "default-0-4-d2", storage_options=_options(server.endpoint)).d == 2  # computed on S3
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it, the everyday subset does not
 def test_a_closed_port_is_unreachable_not_damage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     url = "s3://bucket/t.zarr"
