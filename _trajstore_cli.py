@@ -35,7 +35,9 @@ def main() -> int:
     try:
         from trajstore.cli import main as cli_main
     except KeyboardInterrupt:
-        print("trajstore: interrupted while starting (nothing was done); run the same command to resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line for a job of several processes
+            print("trajstore: interrupted while starting (nothing was done); run the same command to resume",
+                  file=sys.stderr)
         return 130
     try:
         code = cli_main()

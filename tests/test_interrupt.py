@@ -131,3 +131,20 @@ def test_interrupted_run_says_so_and_resumes_to_the_same_result(tmp_path: Path) 
     mine, theirs = outcome(out), outcome(tmp_path / "whole")
     assert mine["docs"] == theirs["docs"]
     assert same_models(mine["models"], theirs["models"])
+
+
+def test_an_interrupted_job_of_two_processes_says_it_once(tmp_path: Path) -> None:
+    """Ctrl-C reaches every rank of ``--nproc 2``; one line is printed (rank 0's), exit 130."""
+    if not (Path(sys.executable).parent / "trajstore").exists():
+        pytest.skip("the trajstore command is not installed next to this Python")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*command(tmp_path / "job"), "--nproc", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    first = proc.stderr.readline()  # the work has started on both ranks
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, _, err = finish(proc)
+    said = [line for line in (first + err).splitlines() if line.startswith("trajstore:")]
+    assert code == 130, err
+    assert len(said) == 1 and said[0].startswith("trajstore: interrupted during"), err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -71,7 +72,6 @@ def _client(args: argparse.Namespace) -> object:
 
 
 def _cmd_basis(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from .dldr import dldr
@@ -144,7 +144,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from pipelines.experiment import check_store_model, config_from_store, train_subspace
@@ -293,7 +292,6 @@ def _add_nproc(parser: argparse.ArgumentParser) -> None:
 def _in_job(args: argparse.Namespace, argv: list[str]) -> int | None:
     """Start the N processes of ``--nproc N`` (the exit code), or join the job this process is a
     rank of (None: go on and run the command)."""
-    import os
 
     nproc = getattr(args, "nproc", 1)
     if nproc < 1:
@@ -576,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trajstore: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"trajstore: interrupted{_where(args)}; run the same command to resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line for a job of several processes: rank 0's
+            print(f"trajstore: interrupted{_where(args)}; run the same command to resume", file=sys.stderr)
         return 130
     from .launch import shutdown
 
