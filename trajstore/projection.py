@@ -57,8 +57,9 @@ class DeviceBasis:
         back in float32 (:attr:`compute_dtype`): ``project`` gives float32 coordinates, summed
         over chunks in float32. U's own rounding (relative 2**-9 in bfloat16) tilts the subspace
         by about 0.1 degree; both products use the rounded U, so training moves in its span (up
-        to the rounding of each step's values, 2**-9 relative). On a CPU without native bfloat16 the products are slower than in float32
-        (``benchmarks/bf16_basis.py``): there, use it for memory.
+        to the rounding of each step's values, 2**-9 relative). On a CPU without bfloat16
+        arithmetic the products are slower than in float32 (1.48x at n = 4M here,
+        ``benchmarks/bf16_basis.py``): there, use it for memory.
     mode : {"auto", "resident", "mmap", "stream"}
         ``auto`` picks ``resident`` when U fits in a quarter of the free device memory (CUDA) or
         when the store is not local (CPU), else ``mmap`` on CPU and ``stream`` on CUDA, and logs
