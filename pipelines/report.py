@@ -77,9 +77,9 @@ def time_to_accuracy(cfg: ExperimentConfig, seed: dict[str, Any], method: str,
     target = sgd[-1]["test_acc"] - tolerance
     sgd_seconds = _first_reaching(sgd, target)
     window = next((row["seconds"] for row in sgd if row["epoch"] == cfg.sample_epochs), None)
-    reached = _first_reaching(seed["subspace"][method]["history"], target)
     if sgd_seconds is None or window is None:
         return None
+    reached = _first_reaching(seed["subspace"][method]["history"], target)
     pretrain = seed["sgd"].get("pretrain", {}).get("seconds", 0.0)
     route = None if reached is None else pretrain + window + seed["basis"]["seconds"] + reached
     return {"target_acc": target, "sgd_seconds": pretrain + sgd_seconds, "route_seconds": route,

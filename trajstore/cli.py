@@ -292,7 +292,6 @@ def _add_nproc(parser: argparse.ArgumentParser) -> None:
 def _in_job(args: argparse.Namespace, argv: list[str]) -> int | None:
     """Start the N processes of ``--nproc N`` (the exit code), or join the job this process is a
     rank of (None: go on and run the command)."""
-
     nproc = getattr(args, "nproc", 1)
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
@@ -380,6 +379,16 @@ def _where(args: argparse.Namespace | None) -> str:
     if args is None or getattr(args, "func", None) in (_cmd_run, _cmd_sample, _cmd_train):
         return " while starting (nothing was done)"
     return ""
+
+
+def _first_rank() -> bool:
+    """Rank 0 of a job (or no job), from the launcher's environment; True if that is unreadable."""
+    from .launch import world_from_env
+
+    try:
+        return world_from_env()[0] == 0
+    except ValueError:
+        return True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -574,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trajstore: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # one line for a job of several processes: rank 0's
+        if _first_rank():  # one line for a job of several processes: rank 0's
             print(f"trajstore: interrupted{_where(args)}; run the same command to resume", file=sys.stderr)
         return 130
     from .launch import shutdown

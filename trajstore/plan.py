@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._dask import column_block
+from ._dtypes import STORAGE_DTYPES
 from ._dtypes import storage_dtype as _storage_dtype
 from ._linalg import SUB_BLOCK
 from ._localread import piece_size
@@ -225,10 +226,11 @@ def plan(layout: Layout, t: int, d: int = 40, *, storage_dtype: str = "float32",
                       u_bytes, basis_terms)
     # ---- training in the subspace (P+-BFGS, restore="copy")
     stages = [sample, gram, basis]
-    if basis_dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"basis_dtype must be 'float32', 'bfloat16' or 'float16', got {basis_dtype!r}")
-    u_item = 4 if basis_dtype == "float32" else 2
-    u = n * d * u_item
+    if basis_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"basis_dtype must be one of {sorted(STORAGE_DTYPES)}, got {basis_dtype!r}")
+    u_item = _storage_dtype(basis_dtype).itemsize
+    u = n * d * u_item                                        # U held for training
+    u_stored = n * d * 4                                      # U in the store: float32
     for mode in ("resident", "mmap", "stream"):
         model_terms = {"parameters + gradients": 8 * n + layout.buffer_nbytes, "restore copy": 4 * n}
         if plus:
@@ -244,10 +246,10 @@ def plan(layout: Layout, t: int, d: int = 40, *, storage_dtype: str = "float32",
         elif mode == "mmap":
             pass  # U's mapped file pages: in RSS once touched, not private memory; the OS may evict them
         else:
-            host["chunk buffers"] = 2 * min(n, u_rows) * d * u_item
-        per_step = 0 if mode == "resident" else 3 * u       # project, lift, residual lift (+1 per extra trial)
+            host["chunk buffers"] = min(n, u_rows) * d * (4 + u_item)  # a chunk read (float32), its staging copy
+        per_step = 0 if mode == "resident" else 3 * u_stored  # project, lift, residual lift (+1 per extra trial)
         stages.append(StagePlan(f"train ({mode})", store_bytes + gram_bytes + u_bytes,
-                                baseline + sum(host.values()), gpu, u if mode == "resident" else per_step, 0,
+                                baseline + sum(host.values()), gpu, u_stored if mode == "resident" else per_step, 0,
                                 {k: v for k, v in host.items() if v}))
     # ---- the official approach
     w = t * n * 4

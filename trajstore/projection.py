@@ -59,7 +59,9 @@ class DeviceBasis:
         by about 0.1 degree; both products use the rounded U, so training moves in its span (up
         to the rounding of each step's values, 2**-9 relative). On a CPU without bfloat16
         arithmetic the products are slower than in float32 (1.48x at n = 4M here,
-        ``benchmarks/bf16_basis.py``): there, use it for memory.
+        ``benchmarks/bf16_basis.py``): there, use it for memory, resident. In ``mmap`` and
+        ``stream`` modes U is read from its float32 chunk files and converted on the host each
+        time, so what is halved is what crosses to a GPU, not what is read.
     mode : {"auto", "resident", "mmap", "stream"}
         ``auto`` picks ``resident`` when U fits in a quarter of the free device memory (CUDA) or
         when the store is not local (CPU), else ``mmap`` on CPU and ``stream`` on CUDA, and logs

@@ -168,26 +168,29 @@ def child_floor(path: Path, d: int, stop: int | None = None) -> dict[str, Any]:
     gram_blas_s = 2 * n * t * t / flops_per_s
     return {"read_s": read_s, "read_bytes": total, "read_GBps": total / read_s / 1e9, "gemm_GFLOPS": flops_per_s / 1e9,
             "gram_blas_s": gram_blas_s, "seconds": 2 * read_s + gram_blas_s,
-            "overlapped_s": 2 * read_s if 2 * read_s > gram_blas_s else gram_blas_s,
-            "u_write_s": _write_like_u(path.parent, n, d, store.piece)}
+            "overlapped_s": 2 * read_s if 2 * read_s > gram_blas_s else gram_blas_s}
 
 
-def _write_like_u(folder: Path, n: int, d: int, rows: int) -> float:
+def child_u_write(path: Path, d: int, stop: int | None = None) -> dict[str, Any]:
     """Seconds to write what the basis pass writes, U and the mean (n (d + 1) float32 values), as
-    new files of its chunk size into the page cache, as it does (no fsync), on the same disk."""
+    new files of its chunk size into the page cache, as it does (no fsync), on the store's disk."""
     import tempfile
 
+    from trajstore import TrajectoryStore
+
+    store = TrajectoryStore.open(path)
+    n, rows = store.n, store.piece
     chunk = np.random.default_rng(0).standard_normal(rows * (d + 1)).astype(np.float32).tobytes()
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".u-write-") as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".u-write-") as tmp:
         start = time.perf_counter()
         for i in range(-(-n // rows)):
             with open(Path(tmp) / str(i), "wb") as f:
                 f.write(chunk)
-        return time.perf_counter() - start
+        return {"seconds": time.perf_counter() - start}
 
 
 CHILDREN = {"trajstore": child_trajstore, "official": child_official, "svd_compressed": child_svd_compressed,
-            "floor": child_floor}
+            "floor": child_floor, "u_write": child_u_write}
 PREDICTED_FACTOR = {"official": 3.6, "svd_compressed": 1.75}  # peak / bytes of W, measured (shared/MEASURED.md)
 
 

@@ -74,7 +74,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"growth: {method} at t = {t} failed: {failed[0]['error'][-1500:]}")
             if method == "floor":  # this suite's floor: the read hidden under the GEMM, or the reverse
                 for r in runs:
-                    r.update(seconds=max(r["read_s"], r["gram_blas_s"]), two_reads_plus_gemm_s=r["seconds"])
+                    written = run_child("u_write", path, args.d, t)
+                    if "error" in written:
+                        raise SystemExit(f"growth: writing U's bytes at t = {t} failed: {written['error'][-1500:]}")
+                    r.update(seconds=max(r["read_s"], r["gram_blas_s"]), two_reads_plus_gemm_s=r["seconds"],
+                             u_write_s=written["seconds"])
                     r["with_u_write_s"] = r["seconds"] + r["u_write_s"]
             row[method] = {"runs": runs, "seconds": median([r["seconds"] for r in runs]),
                            "peak_rss_GiB": median([r["peak_rss_bytes"] for r in runs]) / 2**30}
