@@ -24,10 +24,12 @@ def test_exponent_recovers_a_power_law() -> None:
 def test_summary_reports_each_t_and_the_exponents() -> None:
     rows = [{"t": t, "trajstore": {"seconds": 2.0 * t, "peak_rss_GiB": 0.1},
              "floor": {"seconds": t, "runs": [{"read_s": t / 2, "gram_blas_s": t, "two_reads_plus_gemm_s": 2.0 * t,
-                                                "u_write_s": 1.0}]},
-             "vs_floor": 2.0, "vs_floor_with_u_write": 2.0 * t / (t + 1)} for t in (51, 101)]
+                                                "u_write_s": 1.0, "read_cpu_s": 4.0, "with_read_cpu_s": t + 2.0}]},
+             "vs_floor": 2.0, "vs_floor_with_u_write": 2.0 * t / (t + 1), "vs_floor_with_read_cpu": 2.0 * t / (t + 2)}
+            for t in (51, 101)]
     table = summarize(rows, {"trajstore_seconds": 1.0, "floor_seconds": 1.0, "trajstore_peak_rss": 0.0})
-    assert table.count("\n| ") == 2 and "| 101 | 202.0 | 101.0 | 50.5 | 101.0 | 2.00x | 1.0 | 1.98x |" in table and "trajstore 1.00" in table
+    assert table.count("\n| ") == 2 and "trajstore 1.00" in table
+    assert "| 101 | 202.0 | 101.0 | 50.5 | 101.0 | 2.00x | 4.0 | 103.0 | 1.96x | 1.0 | 1.98x | 202.0 |" in table
 
 
 @pytest.mark.slow
@@ -49,5 +51,8 @@ def test_a_small_growth_run_end_to_end(tmp_path: Path) -> None:
         assert r["floor"]["seconds"] == max(floor["read_s"], floor["gram_blas_s"])
         assert np.isclose(r["vs_floor"], r["trajstore"]["seconds"] / r["floor"]["seconds"])
         assert floor["with_u_write_s"] == floor["seconds"] + floor["u_write_s"] and floor["u_write_s"] > 0
+        assert floor["read_cpu_s"] > 0 and floor["cores"] >= 1
+        assert floor["with_read_cpu_s"] == max(floor["read_s"], floor["gram_blas_s"] + floor["read_cpu_s"] / floor["cores"])
+        assert np.isclose(r["vs_floor_with_read_cpu"], r["trajstore"]["seconds"] / floor["with_read_cpu_s"])
     assert set(doc["exponents"]) == {"trajstore_seconds", "floor_seconds", "trajstore_peak_rss"}
     assert "provenance" in doc
