@@ -107,6 +107,17 @@ OTHER_MISTAKES = [
 ]
 
 
+@pytest.mark.parametrize("command", ["run", "info", "basis", "plan"])
+def test_an_unknown_option_is_reported_by_its_command(in_tmp: Path, capsys: pytest.CaptureFixture[str],
+                                                      command: str) -> None:
+    """The line names the command whose options were mistyped, and that command's --help (which
+    lists them), not the top-level parser's."""
+    first = {"run": "digits", "info": "s.zarr", "basis": "s.zarr", "plan": "resnet20"}[command]
+    line = refused(capsys, [command, first, "--colour", "blue"], ["unrecognized arguments: --colour blue"])
+    assert line.startswith(f"trajstore {command}: error:") and line.endswith(f"(see 'trajstore {command} --help')"), line
+    assert files_under(in_tmp) == []
+
+
 @pytest.mark.parametrize("argv, names", [m[1:] for m in OTHER_MISTAKES], ids=[m[0] for m in OTHER_MISTAKES])
 def test_other_mistakes(in_tmp: Path, capsys: pytest.CaptureFixture[str], argv: list[str], names: list[str]) -> None:
     refused(capsys, argv, names)

@@ -395,9 +395,21 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line, as the commands' own: ``trajstore run: error: ...``
     and where to look, instead of the usage block first (exit 2, as argparse's)."""
 
+    commands: dict[str, argparse.ArgumentParser]
+
     def error(self, message: str) -> Any:
         print(f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, but an unknown option is reported by the command it was given to
+        (``trajstore run: error: unrecognized arguments: ...``, and that command's ``--help``), not
+        by ``trajstore``, whose help does not list the command's options."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,10 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trajstore", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"trajstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}
 
     def command(name: str, summary: str, description: str = "", epilog: str | None = None) -> argparse.ArgumentParser:
         text = summary[0].upper() + summary[1:] + "." + (f"\n\n{description}" if description else "")
-        return sub.add_parser(name, help=summary, description=text, epilog=epilog, formatter_class=HelpFormatter)
+        parser.commands[name] = sub.add_parser(name, help=summary, description=text, epilog=epilog,
+                                               formatter_class=HelpFormatter)
+        return parser.commands[name]
 
     info = command("info", "list the trajectories, snapshots and bases of a store")
     info.add_argument("store", help="store folder or fsspec URL")

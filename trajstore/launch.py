@@ -5,7 +5,9 @@ torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=
 free ``MASTER_PORT``), so a command started by ``torchrun --nproc-per-node N -m trajstore ...``
 takes exactly the same path. :func:`init_from_env` joins the job in each child (gloo on CPU,
 nccl on CUDA). The parent waits for every child; when one fails it stops the others (by their
-own pids) and returns the failed child's exit code.
+own pids) and returns the failed child's exit code. A child whose parent is gone (killed by
+SIGKILL, which it cannot pass on) ends itself with SIGTERM within a second, instead of running on
+without anyone waiting for it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["init_from_env", "shutdown", "spawn", "start", "world_from_env"]
+__all__ = ["follow_parent", "init_from_env", "shutdown", "spawn", "start", "world_from_env"]
 
 _POLL_S = 0.05
+_PARENT = "TRAJSTORE_PARENT_PID"  # set by start() for its children: the pid they follow
+_PARENT_POLL_S = 0.5
+_following = False
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -48,6 +54,7 @@ def init_from_env(device: Any = "cpu", timeout_s: float = 300.0) -> bool:
     group is already initialized."""
     import datetime
 
+    follow_parent()
     import torch
     import torch.distributed as dist
 
@@ -60,6 +67,35 @@ def init_from_env(device: Any = "cpu", timeout_s: float = 300.0) -> bool:
     dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
                             timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def follow_parent() -> None:
+    """In a process started by :func:`start`: end it (SIGTERM to itself) once the process that
+    started it is gone, checked now and then every half second by a daemon thread. A parent ended
+    by SIGKILL cannot stop its children; without this they ran on, holding their CPU, memory and
+    the store's writer lease, waiting on ranks that would never come. A no-op in any other
+    process (torchrun's ranks included: torchrun stops its own); called by :func:`init_from_env`.
+    The variable naming the parent is removed from the environment, so processes this one starts
+    do not follow a parent that is not theirs."""
+    global _following
+    text = os.environ.pop(_PARENT, None)
+    if _following or text is None or not text.isdigit():
+        return
+    parent = int(text)
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    def watch() -> None:
+        while not orphaned():
+            time.sleep(_PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    _following = True
+    if orphaned():  # gone while this process was starting
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    threading.Thread(target=watch, name="trajstore-follow-parent", daemon=True).start()
 
 
 def shutdown() -> None:
@@ -121,6 +157,7 @@ def start(argv: Sequence[str], nproc: int, *, env: Mapping[str, str] | None = No
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                 LOCAL_WORLD_SIZE=str(nproc))
     base.setdefault("GLOO_SOCKET_IFNAME", _loopback())
+    base[_PARENT] = str(os.getpid())  # see follow_parent
     # A session of their own: a terminal's Ctrl-C reaches them once, through the parent.
     outputs = [open(os.path.join(logs, f"rank-{r}.log"), "wb") if logs is not None else None for r in range(nproc)]
     children = [subprocess.Popen([sys.executable, *argv], cwd=cwd, start_new_session=True, stdout=outputs[r],
