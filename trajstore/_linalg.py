@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SUB_BLOCK", "basis_block", "centre_gram", "gram_block", "top_eigenpairs", "tail_residuals"]
+__all__ = ["BASIS_SUB_BLOCK", "SUB_BLOCK", "basis_block", "centre_gram", "gram_block", "top_eigenpairs",
+           "tail_residuals"]
 
 # Columns converted to float64 at a time inside a block: bounds the float64 working set to
 # t * SUB_BLOCK * 8 bytes (53 MB at t = 101) whatever the block size.
@@ -43,10 +44,10 @@ def gram_block(block: np.ndarray, ref_row: int = 0, first: int = 0, work: np.nda
 
 
 def _differences(block: np.ndarray, a: int, m: int, ref_row: int, work: np.ndarray) -> np.ndarray:
-    """``block[:, a:a + m] - block[ref_row, a:a + m]`` in float64, in ``work``; exact (a difference
-    of two float32 values is a float64 value). Widened first, then subtracted in float64: the same
-    values as one mixed-type subtract, in two thirds of its time (its casting loop is slow: at
-    t = 801 per 65,536 columns, 116 ms against 172 ms)."""
+    """``block[:, a:a + m] - block[ref_row, a:a + m]`` in float64, in ``work`` (exact for snapshots
+    within a factor 2**29 of each other). Widened first, then subtracted in float64: the values of
+    the mixed-type subtract this replaces, bit for bit (it widens and subtracts as well), in two
+    thirds of its time (its casting loop is slow: at t = 801 per 65,536 columns, 116 ms against 172)."""
     x = work[:, :m]
     np.copyto(x, block[:, a:a + m])
     ref = x[ref_row].copy()
@@ -54,9 +55,9 @@ def _differences(block: np.ndarray, a: int, m: int, ref_row: int, work: np.ndarr
     return x
 
 
-def _work(work: np.ndarray | None, t: int) -> np.ndarray:
-    if work is None or work.shape[0] != t or work.shape[1] < SUB_BLOCK or work.dtype != np.float64:
-        return np.empty((t, SUB_BLOCK), dtype=np.float64)
+def _work(work: np.ndarray | None, t: int, width: int = SUB_BLOCK) -> np.ndarray:
+    if work is None or work.shape[0] != t or work.shape[1] < width or work.dtype != np.float64:
+        return np.empty((t, width), dtype=np.float64)
     return work
 
 
@@ -138,7 +139,7 @@ def basis_block(block: np.ndarray, v_scaled: np.ndarray, ref_row: int = 0, work:
     """
     t, b = block.shape
     d = v_scaled.shape[1]
-    work = _work(work, t)
+    work = _work(work, t, BASIS_SUB_BLOCK)
     if u is None:
         u = np.empty((b, d), dtype=np.float64)
     mean = np.empty(b, dtype=np.float64)

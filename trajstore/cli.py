@@ -401,7 +401,8 @@ class _Parser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: Any = None) -> argparse.Namespace:
         """As argparse's, but an unknown option is reported by the command it was given to
         (``trajstore run: error: unrecognized arguments: ...``, and that command's ``--help``), not
         by ``trajstore``, whose help does not list the command's options."""

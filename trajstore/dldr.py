@@ -104,7 +104,7 @@ def _basis_task(piece: np.ndarray, c: int, v_scaled: np.ndarray, writer: _BasisW
     d = v_scaled.shape[1]
     u = scratch.get("u", (m, d), np.float64)
     with one_thread_on_workers():
-        u, mean = _linalg.basis_block(piece, v_scaled, 0, scratch.get("x", (t, _linalg.SUB_BLOCK), np.float64), u)
+        u, mean = _linalg.basis_block(piece, v_scaled, 0, scratch.get("x", (t, _linalg.BASIS_SUB_BLOCK), np.float64), u)
     u32 = scratch.get("u32", (m, d), np.float32)
     np.copyto(u32, u, casting="same_kind")
     writer.write(c, u32, mean.astype(np.float32))

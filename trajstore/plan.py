@@ -16,9 +16,10 @@ and the official approach beside them (all snapshots stacked in one float32 arra
 ``sklearn.decomposition.PCA``; a state_dict written to disk before every line-search trial).
 
 Every number is a formula of the layout, the store's chunking and a few constants of the code
-(``PIECE``, ``SUB_BLOCK``, the append staging buffer) or of the libraries under it, which were
-measured (``APPEND_WRITE_COPIES``, ``APPEND_RUNTIME_BYTES``, ``OFFICIAL_PCA_FACTOR``,
-``COMPUTE_RUNTIME_BYTES``); ``trajstore bench`` measures the same stages for real.
+(``PIECE``, ``SUB_BLOCK``, ``BASIS_SUB_BLOCK``, the append staging buffer) or of the libraries
+under it, which were measured (``APPEND_WRITE_COPIES``, ``APPEND_RUNTIME_BYTES``,
+``OFFICIAL_PCA_FACTOR``, ``COMPUTE_RUNTIME_BYTES``); ``trajstore bench`` measures the same stages
+for real.
 
 Host memory is the memory no file backs (anonymous and shared anonymous pages), what has to fit
 in RAM: the process's baseline
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ._dask import column_block
 from ._dtypes import STORAGE_DTYPES
 from ._dtypes import storage_dtype as _storage_dtype
-from ._linalg import SUB_BLOCK
+from ._linalg import BASIS_SUB_BLOCK, SUB_BLOCK
 from ._localread import piece_size
 from .layout import Layout
 from .dldr import DEFAULT_BLOCK_BYTES
@@ -220,8 +221,13 @@ def plan(layout: Layout, t: int, d: int = 40, *, storage_dtype: str = "float32",
                      gram_terms)
     u_rows = piece
     u_bytes = -(-n // u_rows) * (u_rows * d * 4 + 4) + -(-n // u_rows) * (u_rows * 4 + 4) + gram_bytes
-    # per thread: U rows in float64 and float32, and the centring's outer product (float64)
-    basis_terms = {**gram_terms, "U rows": busy * piece * d * 20}
+    # per thread: its read buffers, a float64 sub-block and its product (BASIS_SUB_BLOCK columns),
+    # and a piece's U rows in float64 and float32; the driver: the Gram matrix, its centred copy
+    # and their eigenvectors
+    basis_width = min(BASIS_SUB_BLOCK, piece)
+    basis_terms = {"read buffers": busy * pieces, "decode": busy * decode, "float64 work": busy * t * basis_width * 8,
+                   "product": busy * (d + 1) * basis_width * 8, "U rows": busy * piece * d * 12,
+                   "Gram matrices": 3 * t * t * 8}
     basis = StagePlan("basis", store_bytes + gram_bytes + u_bytes, baseline + sum(basis_terms.values()), 0, reads,
                       u_bytes, basis_terms)
     # ---- training in the subspace (P+-BFGS, restore="copy")
