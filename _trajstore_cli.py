@@ -7,13 +7,42 @@ the objects of torch, matplotlib and dask and unloading their libraries took 2.0
 ``trajstore run demo`` on 2 cores (0.7 s after ``import torch`` alone), time in which a Ctrl-C
 killed the finished command without a word. What a normal exit does that matters runs first
 (threads joined, ``atexit`` handlers, output flushed); a Ctrl-C during it ends the exit at once
-with the command's own code."""
+with the command's own code.
+
+A Ctrl-C while a module is being imported is held until the import is over (retried every
+50 ms): raised inside a compiled extension's initialization, the KeyboardInterrupt broke that
+import instead (an ``ImportError: initialization failed`` traceback and exit 1 from scipy's, seen
+in 1 of 40 interrupts during the set-up here; ``std::terminate`` and exit -6 from a pybind11
+module's, seen in CI)."""
 
 import atexit
 import os
 import signal
 import sys
 import threading
+
+_RETRY_S = 0.05
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGINT's handler: KeyboardInterrupt where Python's own would raise it, except inside an
+    import, where the signal is sent again a moment later (until no import is under way)."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            retry = threading.Timer(_RETRY_S, os.kill, (os.getpid(), signal.SIGINT))
+            retry.daemon = True
+            retry.start()
+            return
+        f = f.f_back
+    raise KeyboardInterrupt
+
+
+def hold_interrupts_during_imports() -> None:
+    """Install :func:`_interrupt` where SIGINT has Python's default handler (a job whose SIGINT
+    is ignored, a shell's background job, keeps ignoring it)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
 
 
 def _leave(code: int) -> None:
@@ -32,6 +61,7 @@ def _leave(code: int) -> None:
 
 
 def main() -> int:
+    hold_interrupts_during_imports()
     try:
         from trajstore.cli import main as cli_main
     except KeyboardInterrupt:
