@@ -22,17 +22,28 @@ import sys
 import threading
 
 _RETRY_S = 0.05
+_held = False  # a held SIGINT is waiting to be sent again
+
+
+def _send_again() -> None:
+    global _held
+    _held = False  # before the signal: its handler may hold it once more
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     """SIGINT's handler: KeyboardInterrupt where Python's own would raise it, except inside an
-    import, where the signal is sent again a moment later (until no import is under way)."""
+    import, where the signal is sent again a moment later (until no import is under way). Several
+    Ctrl-Cs during one import are one interrupt, as one KeyboardInterrupt after it."""
+    global _held
     f = frame
     while f is not None:
         if f.f_code.co_filename.startswith("<frozen importlib"):
-            retry = threading.Timer(_RETRY_S, os.kill, (os.getpid(), signal.SIGINT))
-            retry.daemon = True
-            retry.start()
+            if not _held:
+                _held = True
+                retry = threading.Timer(_RETRY_S, _send_again)
+                retry.daemon = True
+                retry.start()
             return
         f = f.f_back
     raise KeyboardInterrupt

@@ -35,6 +35,11 @@ from .basis import HERE, SIZES, build_store, run_child
 from .measure import median, report_spread, write_result
 
 
+def medians(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Each key's median over the runs."""
+    return {k: median([r[k] for r in runs]) for k in keys}
+
+
 def exponent(ts: list[int], values: list[float]) -> float:
     """Slope of log(value) against log(t): value ~ t ** slope."""
     return float(np.polyfit(np.log(ts), np.log(values), 1)[0])
@@ -89,10 +94,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     advice="rerun or add --repeats")
             if warning:
                 row[method]["warning"] = warning
-        floor = {k: median([r[k] for r in row["floor"]["runs"]]) for k in ("read_s", "gram_blas_s", "gemm_GFLOPS", "u_write_s")}
+        floor = medians(row["floor"]["runs"], ("read_s", "gram_blas_s", "gemm_GFLOPS", "u_write_s", "with_u_write_s",
+                                               "with_read_cpu_s"))
         row["vs_floor"] = row["trajstore"]["seconds"] / row["floor"]["seconds"]
-        row["vs_floor_with_u_write"] = row["trajstore"]["seconds"] / median([r["with_u_write_s"] for r in row["floor"]["runs"]])
-        row["vs_floor_with_read_cpu"] = row["trajstore"]["seconds"] / median([r["with_read_cpu_s"] for r in row["floor"]["runs"]])
+        row["vs_floor_with_u_write"] = row["trajstore"]["seconds"] / floor["with_u_write_s"]
+        row["vs_floor_with_read_cpu"] = row["trajstore"]["seconds"] / floor["with_read_cpu_s"]
         rows.append(row)
         print(f"t = {t:4d}: trajstore {row['trajstore']['seconds']:7.1f} s, peak RSS "
               f"{row['trajstore']['peak_rss_GiB']:.2f} GiB; floor {row['floor']['seconds']:6.1f} s (read "
@@ -116,8 +122,7 @@ def summarize(rows: list[dict[str, Any]], exponents: dict[str, float]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     parts = ("read_s", "gram_blas_s", "read_cpu_s", "with_read_cpu_s", "u_write_s", "two_reads_plus_gemm_s")
     for r in rows:
-        runs = r["floor"]["runs"]
-        f = {k: median([run[k] for run in runs]) for k in parts}  # each part's median over the runs
+        f = medians(r["floor"]["runs"], parts)
         lines.append(f"| {r['t']} | {r['trajstore']['seconds']:.1f} | {r['floor']['seconds']:.1f} | {f['read_s']:.1f} | "
                      f"{f['gram_blas_s']:.1f} | {r['vs_floor']:.2f}x | {f['read_cpu_s']:.1f} | "
                      f"{f['with_read_cpu_s']:.1f} | {r['vs_floor_with_read_cpu']:.2f}x | {f['u_write_s']:.1f} | "
